@@ -1,0 +1,136 @@
+"""Plain text-to-image on top of the shared loop, for SD, SDXL, FLUX and DeepFloyd IF stage I.
+
+For the same pipeline, seed, scheduler and steps the result equals diffusers' own pipeline call
+(tests/test_pipelines.py). Methods reuse the pieces: `prepare(...)` gives the initial state, the
+denoiser and the timesteps; they add hooks or wrap the denoiser and call `common.pipelines.loop.sample`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from common.models.loading import pipeline_family
+from common.pipelines.denoisers import ControlSpec, FluxDenoiser, UNetDenoiser
+from common.pipelines.latents import decode_latents
+from common.pipelines.loop import Hook, sample
+from common.pipelines.prompts import PromptEmbeds, encode_prompt
+
+
+@dataclass
+class SamplingSetup:
+    """Everything the loop needs for one run. x_T: [B, C, h, w] (FLUX: packed [B, N, 4C])."""
+
+    family: str
+    x_T: torch.Tensor
+    denoiser: Any
+    timesteps: torch.Tensor
+    extra_step_kwargs: dict[str, Any]
+    prompts: PromptEmbeds
+    height: int
+    width: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_size(pipe) -> tuple[int, int]:
+    family = pipeline_family(pipe)
+    if family == "flux":
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+    elif family.startswith("if"):
+        size = pipe.unet.config.sample_size
+    else:
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return size, size
+
+
+def _flux_timesteps(pipe, num_steps: int, seq_len: int, device) -> torch.Tensor:
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    cfg = pipe.scheduler.config
+    sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    return retrieve_timesteps(pipe.scheduler, num_steps, device, sigmas=sigmas, mu=mu)[0]
+
+
+def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+            num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+            width: int | None = None, generator: torch.Generator | None = None, eta: float = 0.0,
+            num_images_per_prompt: int = 1, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
+            control: ControlSpec | None = None, cross_attention_kwargs: dict[str, Any] | None = None,
+            max_sequence_length: int | None = None, latents: torch.Tensor | None = None) -> SamplingSetup:
+    """Encode prompts, draw x_T exactly as diffusers does, build the denoiser and the timesteps."""
+    family = pipeline_family(pipe)
+    device = pipe._execution_device
+    dh, dw = default_size(pipe)
+    height, width = height or dh, width or dw
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    batch = len(prompts) * num_images_per_prompt
+    if family == "flux":
+        do_cfg = true_cfg_scale > 1.0 and negative_prompt is not None
+        embeds = encode_prompt(pipe, prompts, negative_prompt, do_cfg=do_cfg, device=device,
+                               num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
+        x_T, ids = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, height, width,
+                                        embeds.embeds.dtype, device, generator, latents)
+        timesteps = _flux_timesteps(pipe, num_inference_steps, x_T.shape[1], device)
+        denoiser = FluxDenoiser(pipe.transformer, embeds, ids, guidance_scale, true_cfg_scale=true_cfg_scale,
+                                joint_attention_kwargs=cross_attention_kwargs)
+        return SamplingSetup(family, x_T, denoiser, timesteps, {}, embeds, height, width, {"latent_ids": ids})
+
+    do_cfg = guidance_scale > 1.0
+    embeds = encode_prompt(pipe, prompts, negative_prompt, do_cfg=do_cfg, device=device,
+                           num_images_per_prompt=num_images_per_prompt)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = pipe.scheduler.timesteps
+    dtype = embeds.embeds.dtype
+    if family == "if":
+        x_T = pipe.prepare_intermediate_images(batch, pipe.unet.config.in_channels, height, width, dtype, device,
+                                               generator) if latents is None else latents
+    else:
+        x_T = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generator,
+                                   latents)
+    added = None
+    if family == "sdxl":
+        proj_dim = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
+                                          text_encoder_projection_dim=proj_dim).to(device).repeat(batch, 1)
+        pooled = embeds.cfg().pooled if do_cfg else embeds.pooled
+        added = {"text_embeds": pooled, "time_ids": torch.cat([time_ids, time_ids]) if do_cfg else time_ids}
+    denoiser = UNetDenoiser(pipe.unet, pipe.scheduler, embeds, guidance_scale, guidance_rescale=guidance_rescale,
+                            added_cond_kwargs=added, cross_attention_kwargs=cross_attention_kwargs,
+                            control=control, num_steps=len(timesteps))
+    extra = pipe.prepare_extra_step_kwargs(generator, eta)
+    return SamplingSetup(family, x_T, denoiser, timesteps, extra, embeds, height, width)
+
+
+def decode(pipe, setup: SamplingSetup, x0: torch.Tensor) -> torch.Tensor:
+    """Final state -> images [B, 3, H, W] in [-1, 1]."""
+    if setup.family.startswith("if"):
+        return x0
+    if setup.family == "flux":
+        x0 = pipe._unpack_latents(x0, setup.height, setup.width, pipe.vae_scale_factor)
+    return decode_latents(pipe.vae, x0)
+
+
+def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images (rounded as diffusers' image processor does)."""
+    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+             hooks: tuple[Hook, ...] = (), progress: bool = True, output_type: str = "pt", **kwargs: Any):
+    """Text-to-image through the shared loop. output_type: "pt" ([-1,1] tensor), "np" ([0,1] NHWC), "pil"."""
+    setup = prepare(pipe, prompt, negative_prompt, **kwargs)
+    x0 = sample(setup.denoiser, pipe.scheduler, setup.x_T, setup.timesteps, hooks=hooks,
+                extra_step_kwargs=setup.extra_step_kwargs, progress=progress)
+    images = decode(pipe, setup, x0)
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return images

@@ -1,0 +1,1 @@
+"""customdiffusion: method package (built on common/)."""

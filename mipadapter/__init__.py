@@ -1,0 +1,1 @@
+"""mipadapter: method package (built on common/)."""

@@ -1,0 +1,1 @@
+"""mudi: method package (built on common/)."""

@@ -1,0 +1,1 @@
+"""syncd: method package (built on common/)."""

@@ -1,0 +1,1 @@
+"""synctweedies: method package (built on common/)."""
