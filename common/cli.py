@@ -1,0 +1,281 @@
+"""Argument parsing shared by every entry point: YAML configs under CLI flags, one-line usage errors.
+
+Precedence is command line > `--config` file > parser defaults. Scripts build their own parser (with the
+original repository's flags), add the shared groups below, call `parse_args`, and run through `run(main)`.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import yaml
+
+from common.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ArgumentParser",
+    "UsageError",
+    "add_model_args",
+    "add_output_args",
+    "add_sampling_args",
+    "parse_args",
+    "run",
+    "torch_dtype_from_name",
+]
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+_DTYPE_NAMES = {
+    "fp32": "float32", "float32": "float32", "no": "float32",
+    "fp16": "float16", "float16": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError (one line under `run`) and whose help shows every default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
+    """Call `main(argv)`; a UsageError becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"error: {' '.join(str(e).split()) or 'invalid usage'}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def _config_action(parser: argparse.ArgumentParser) -> argparse.Action:
+    for action in parser._actions:
+        if "--config" in action.option_strings:
+            return action
+    return parser.add_argument(
+        "--config", metavar="FILE.yaml", default=None,
+        help="YAML file of flag values (keys are flag names); flags on the command line override it "
+        "(default: %(default)s)",
+    )
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config {path}: {e}; pass a UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UsageError(f"config {path} is not valid YAML{where}: {problem}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"config {path} must map flag names to values, not be a {type(data).__name__}; "
+            "write lines like `learning_rate: 1e-5`"
+        )
+    return data
+
+
+def _norm(name: object) -> str:
+    return str(name).lstrip("-").replace("-", "_")
+
+
+def _config_keys(parser: argparse.ArgumentParser, skip: argparse.Action) -> dict[str, argparse.Action]:
+    """Every name a config may use for an optional flag: its dest and its long option names."""
+    keys: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action is skip or not action.option_strings or action.dest == argparse.SUPPRESS:
+            continue
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        for name in [action.dest, *(o for o in action.option_strings if o.startswith("--"))]:
+            keys[_norm(name)] = action
+    return keys
+
+
+def _convert_scalar(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """Convert like the command line does: through the flag's `type` from a string, then check `choices`."""
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"config {path}: {key} takes a single value, not a {type(value).__name__}; fix the config")
+    raw = value if isinstance(value, str) else str(value)
+    convert = action.type or str
+    try:
+        out = convert(raw)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"config {path}: {key}: {e}; fix the value in the config") from None
+    except (TypeError, ValueError):
+        name = getattr(convert, "__name__", repr(convert))
+        raise UsageError(f"config {path}: {key}: invalid {name} value: {raw!r}; fix the value in the config") from None
+    if action.choices is not None and out not in action.choices:
+        choices = ", ".join(repr(c) for c in action.choices)
+        raise UsageError(f"config {path}: {key}: invalid choice: {out!r} (choose from {choices})")
+    return out
+
+
+def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(action, _BOOL_ACTIONS):
+        if not isinstance(value, bool):
+            raise UsageError(f"config {path}: {key} must be true or false, got {value!r}")
+        return value
+    if action.nargs == 0:  # store_const / count: the value is what the flag would store
+        return value
+    if action.nargs in (None, "?") and not isinstance(action, argparse._AppendAction):
+        return _convert_scalar(action, key, value, path)
+    items = value if isinstance(value, list) else [value]
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UsageError(f"config {path}: {key} takes {action.nargs} values, got {len(items)}")
+    return [_convert_scalar(action, key, item, path) for item in items]
+
+
+def _config_values(parser: argparse.ArgumentParser, path: str, config_action: argparse.Action) -> dict[str, Any]:
+    """The config file as {dest: converted value}, refusing unknown keys with close-name suggestions."""
+    data = _load_yaml(path)
+    known = _config_keys(parser, skip=config_action)
+    unknown = [str(k) for k in data if _norm(k) not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(_norm(key), list(known), n=3)
+            hints.append(key + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise UsageError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} in config {path}: {', '.join(hints)}; "
+            "keys are this script's flag names (see --help)"
+        )
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for key, value in data.items():
+        action = known[_norm(key)]
+        if action.dest in values:
+            raise UsageError(f"config {path} sets {action.dest} twice (as {source[action.dest]} and {key}); keep one")
+        values[action.dest] = _convert(action, str(key), value, path)
+        source[action.dest] = str(key)
+    return values
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` with `--config FILE.yaml` support: command line > config > parser defaults.
+
+    Required flags may come from the config: argparse would reject them before the config is read, so they
+    are relaxed for parsing and checked afterwards.
+    """
+    config_action = _config_action(parser)
+    relaxed = [a for a in parser._actions if a.required and a.option_strings]
+    for action in relaxed:
+        action.required = False
+    try:
+        first = parser.parse_args(argv)
+        path = getattr(first, config_action.dest)
+        values = _config_values(parser, path, config_action) if path else {}
+        # Pre-set attributes keep argparse from applying defaults; flags on the command line still overwrite.
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    finally:
+        for action in relaxed:
+            action.required = True
+    missing = [a for a in relaxed if getattr(args, a.dest, None) is None]
+    if missing:
+        parser.error(
+            "the following arguments are required: "
+            + ", ".join("/".join(a.option_strings) for a in missing)
+            + " (give them on the command line or in --config)"
+        )
+    return args
+
+
+# ------------------------------------------------------------------------------------------ shared arguments
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser, default: str | None = None, required: bool = False
+) -> argparse._ArgumentGroup:
+    """Base-model flags: name or path (alias `--model`), revision, variant, dtype, device."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path", metavar="NAME_OR_PATH",
+        default=default, required=required,
+        help="base model: a preset name (e.g. tiny-sd), a hub id or a local folder "
+        + ("(required, here or in --config)" if required else "(default: %(default)s)"),
+    )
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) (default: %(default)s)")
+    group.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (default: %(default)s)")
+    group.add_argument(
+        "--dtype", default="fp32", choices=DTYPE_CHOICES, help="dtype of the model weights (default: %(default)s)"
+    )
+    group.add_argument("--device", default=_default_device(), help="torch device to run on (default: %(default)s)")
+    return group
+
+
+def add_sampling_args(
+    parser: argparse.ArgumentParser,
+    *,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> argparse._ArgumentGroup:
+    """Sampling flags: prompts, steps, guidance, size, seed, eta; defaults are the caller's paper settings."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--prompt", default=None, help="text prompt (default: %(default)s)")
+    group.add_argument("--negative_prompt", default="", help="negative prompt for guidance (default: %(default)r)")
+    group.add_argument("--num_inference_steps", type=int, default=steps, help="denoising steps (default: %(default)s)")
+    group.add_argument(
+        "--guidance_scale", type=float, default=guidance_scale,
+        help="classifier-free guidance scale (default: %(default)s)",
+    )
+    group.add_argument(
+        "--height", type=int, default=height, help="image height in pixels; None = model default (default: %(default)s)"
+    )
+    group.add_argument(
+        "--width", type=int, default=width, help="image width in pixels; None = model default (default: %(default)s)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+    return group
+
+
+def add_output_args(parser: argparse.ArgumentParser, default: str) -> argparse._ArgumentGroup:
+    """The `--output` flag: where a script writes its results."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", default=default, help="where to write the results (default: %(default)s)")
+    return group
+
+
+def torch_dtype_from_name(name: str) -> torch.dtype:
+    """Map fp32/fp16/bf16 (also float32/float16/bfloat16 and accelerate's "no") to a torch dtype."""
+    import torch
+
+    try:
+        return getattr(torch, _DTYPE_NAMES[name.lower()])
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}") from None

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built once per session, saved with save_pretrained and loaded back
+through the real loading path (common.models.loading), with the hub switched off."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny presets saved to disk once: name -> folder loadable with from_pretrained."""
+    from common.models.tiny import BUILDERS, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    folders = {}
+    for name in BUILDERS:
+        folder = root / name
+        build_tiny(name).save_pretrained(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+@pytest.fixture
+def load_tiny(tiny_folders):
+    """Load a fresh copy of a tiny pipeline from its saved folder (so tests may mutate it)."""
+    from common.models.loading import load_pipeline
+
+    def _load(name: str, **kwargs):
+        pipe = load_pipeline(tiny_folders[name], **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return _load
