@@ -86,9 +86,21 @@ def set_processors(model: torch.nn.Module, make_processor: Callable[[str, torch.
     return ProcessorHandle(model, {f"{k}.processor": v for k, v in previous.items()}, installed)
 
 
-def remove_processors(model: torch.nn.Module) -> None:
-    """Back to diffusers' default processors everywhere (drops any trained processor state)."""
-    model.set_default_attn_processor()
+def default_processor(module: torch.nn.Module) -> Any:
+    """The processor diffusers gives a fresh layer of this kind (SDPA; added-KV for IF; FLUX's own)."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0, AttnProcessor2_0
+
+    cls = getattr(module, "_default_processor_cls", None)
+    if cls is not None:
+        return cls()
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        return AttnAddedKVProcessor2_0()
+    return AttnProcessor2_0()
+
+
+def remove_processors(model: torch.nn.Module, where: Where = "all") -> None:
+    """Back to diffusers' default processors on the matching layers (drops any trained processor state)."""
+    set_processors(model, lambda name, module: default_processor(module), where)
 
 
 def processors_of(model: torch.nn.Module, where: Where = "all") -> dict[str, Any]:

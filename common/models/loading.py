@@ -65,9 +65,11 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
     `pipeline_cls` picks the pipeline class (e.g. StableDiffusionControlNetPipeline); extra components
     (controlnet=...) go in kwargs. Tiny presets are built in code and converted with `from_pipe`.
     """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     spec = resolve_spec(spec)
     _check_exists(spec)
     if is_tiny(spec):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "variant")}
         if PRESETS[spec].family == "controlnet":
             raise UsageError(f"'{spec}' is a ControlNet, not a pipeline: load it with load_controlnet")
         pipe = build_tiny(spec)
@@ -75,12 +77,12 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
             pipe = pipeline_cls.from_pipe(pipe, **kwargs)
         elif kwargs:
             pipe = type(pipe).from_pipe(pipe, **kwargs)
-        if torch_dtype is not None:
+        if torch_dtype is not None and torch_dtype != pipe.dtype:
             pipe = pipe.to(dtype=torch_dtype)
     else:
         cls = pipeline_cls or DiffusionPipeline
         if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
+            kwargs["dtype"] = torch_dtype
         pipe = _from_pretrained(cls, spec, **kwargs)
     if device is not None:
         pipe = pipe.to(device)
@@ -89,15 +91,16 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
 
 def load_model(spec: str, model_cls: type, *, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
     """One model (e.g. a ControlNetModel or a UNet subfolder) from a preset, a hub id or a folder."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     spec = resolve_spec(spec)
     _check_exists(spec)
     if is_tiny(spec):
         model = build_tiny(spec)
         if not isinstance(model, model_cls):
             raise UsageError(f"preset '{spec}' is a {type(model).__name__}, not a {model_cls.__name__}")
-        return model.to(dtype=torch_dtype) if torch_dtype is not None else model
+        return model.to(dtype=torch_dtype) if torch_dtype not in (None, model.dtype) else model
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype
     return _from_pretrained(model_cls, spec, **kwargs)
 
 
