@@ -150,3 +150,14 @@ def test_prompt_embeds_cfg_order_is_negative_then_positive(load_tiny):
     both = emb.cfg()
     assert torch.equal(both.embeds[:1], emb.negative) and torch.equal(both.embeds[1:], emb.embeds)
     assert torch.equal(both.pooled[1:], emb.pooled)
+
+
+def test_if_stage_two_equals_diffusers(load_tiny):
+    pipe = load_tiny("tiny-if-sr")
+    low = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    kw = dict(image=low, num_inference_steps=3, guidance_scale=4.0, noise_level=50)
+    ref = pipe(PROMPT, negative_prompt=NEG, generator=torch.Generator().manual_seed(1), output_type="pt",
+               clean_caption=False, **kw).images
+    ours = generate(pipe, PROMPT, NEG, generator=torch.Generator().manual_seed(1), progress=False, **kw)
+    assert ours.shape == (1, 3, 64, 64)
+    assert (ours - ref).abs().max() <= 1e-5

@@ -1,4 +1,4 @@
-"""Plain text-to-image on top of the shared loop, for SD, SDXL, FLUX and DeepFloyd IF stage I.
+"""Plain text-to-image on top of the shared loop, for SD, SDXL, FLUX and DeepFloyd IF stages I and II.
 
 For the same pipeline, seed, scheduler and steps the result equals diffusers' own pipeline call
 (tests/test_pipelines.py). Methods reuse the pieces: `prepare(...)` gives the initial state, the
@@ -61,8 +61,13 @@ def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | No
             width: int | None = None, generator: torch.Generator | None = None, eta: float = 0.0,
             num_images_per_prompt: int = 1, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
             control: ControlSpec | None = None, cross_attention_kwargs: dict[str, Any] | None = None,
-            max_sequence_length: int | None = None, latents: torch.Tensor | None = None) -> SamplingSetup:
-    """Encode prompts, draw x_T exactly as diffusers does, build the denoiser and the timesteps."""
+            max_sequence_length: int | None = None, latents: torch.Tensor | None = None,
+            image: torch.Tensor | None = None, noise_level: int = 250) -> SamplingSetup:
+    """Encode prompts, draw x_T exactly as diffusers does, build the denoiser and the timesteps.
+
+    IF stage II (`if-sr`) also takes the stage-I `image` [B, 3, h, w] in [-1, 1], upscaled bilinearly and
+    noised to `noise_level` as diffusers does.
+    """
     family = pipeline_family(pipe)
     device = pipe._execution_device
     dh, dw = default_size(pipe)
@@ -86,9 +91,14 @@ def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | No
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = pipe.scheduler.timesteps
     dtype = embeds.embeds.dtype
-    if family == "if":
-        x_T = pipe.prepare_intermediate_images(batch, pipe.unet.config.in_channels, height, width, dtype, device,
+    concat, class_labels = None, None
+    if family in ("if", "if-sr"):
+        channels = pipe.unet.config.in_channels // (2 if family == "if-sr" else 1)
+        x_T = pipe.prepare_intermediate_images(batch, channels, height, width, dtype, device,
                                                generator) if latents is None else latents
+        if family == "if-sr":
+            concat, class_labels = _if_sr_condition(pipe, image, num_images_per_prompt, height, width, noise_level,
+                                                    generator, do_cfg)
     else:
         x_T = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generator,
                                    latents)
@@ -101,9 +111,24 @@ def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | No
         added = {"text_embeds": pooled, "time_ids": torch.cat([time_ids, time_ids]) if do_cfg else time_ids}
     denoiser = UNetDenoiser(pipe.unet, pipe.scheduler, embeds, guidance_scale, guidance_rescale=guidance_rescale,
                             added_cond_kwargs=added, cross_attention_kwargs=cross_attention_kwargs,
-                            control=control, num_steps=len(timesteps))
+                            control=control, num_steps=len(timesteps), concat_inputs=concat,
+                            class_labels=class_labels)
     extra = pipe.prepare_extra_step_kwargs(generator, eta)
     return SamplingSetup(family, x_T, denoiser, timesteps, extra, embeds, height, width)
+
+
+def _if_sr_condition(pipe, image, num_images_per_prompt, height, width, noise_level, generator, do_cfg):
+    """Stage-II conditioning: the upscaled, noise-augmented stage-I image and its noise level (class label)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if image is None:
+        raise ValueError("IF stage II needs the stage-I image (image=...)")
+    image = pipe.preprocess_image(image, num_images_per_prompt, pipe._execution_device)
+    upscaled = torch.nn.functional.interpolate(image, (height, width), mode="bilinear", align_corners=True)
+    levels = torch.tensor([noise_level] * upscaled.shape[0], device=upscaled.device)
+    noise = randn_tensor(upscaled.shape, generator=generator, device=upscaled.device, dtype=upscaled.dtype)
+    upscaled = pipe.image_noising_scheduler.add_noise(upscaled, noise, timesteps=levels)
+    return upscaled, torch.cat([levels, levels]) if do_cfg else levels
 
 
 def decode(pipe, setup: SamplingSetup, x0: torch.Tensor) -> torch.Tensor:
