@@ -259,7 +259,8 @@ def add_sampling_args(
     group.add_argument(
         "--width", type=int, default=width, help="image width in pixels; None = model default (default: %(default)s)"
     )
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    if not any("--seed" in a.option_strings for a in parser._actions):  # training args may define it
+        group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     group.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
     return group
 
