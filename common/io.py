@@ -30,6 +30,15 @@ _MAX_LISTED = 5
 # ----------------------------------------------------------------------------------------------- atomic writes
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; move it onto `path` only if the block succeeds.
@@ -43,6 +52,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{final.suffix}")
     try:
         yield tmp
+        if tmp.exists():  # some writers (safetensors) create 0600 files; give the usual umask permissions
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -163,3 +163,14 @@ def test_atomic_image_and_json(tmp_path):
     assert _only_file(tmp_path) == ["r.json", "sub"]
     with pytest.raises(UsageError, match="unknown image extension"):
         io.atomic_save_image(Image.new("RGB", (1, 1)), tmp_path / "img.xyz")
+
+
+def test_saved_files_get_umask_permissions_not_0600(tmp_path):
+    import os
+
+    path = tmp_path / "w.safetensors"
+    io.save_weights({"a": torch.ones(2)}, path)
+    mode = os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -47,6 +47,14 @@ def _distributed_without_accelerator() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
+def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    """Checkpoint only what trains: a frozen multi-GB UNet need not be written every N steps."""
+    for i, model in enumerate(models):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        trainable |= {n.removeprefix("module.") for n in trainable}
+        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+
 class Trainer:
     """Train `method` on `train_dataset` with the flags of `add_training_args`; see `TrainingMethod` for hooks.
 
@@ -112,6 +120,7 @@ class Trainer:
         optimizer = make_optimizer(method.trainable_parameters(), args, lr_factor)
         scheduler = make_lr_scheduler(optimizer, args, self.max_train_steps, acc.num_processes)
         *self.models, self.optimizer, self.lr_scheduler = acc.prepare(*modules.values(), optimizer, scheduler)
+        acc.register_save_state_pre_hook(_keep_trainable_weights)
         for name, module in zip(modules, self.models):
             setattr(method, name, module)
         if args.seed is not None:
@@ -174,7 +183,7 @@ class Trainer:
                 self.accelerator.print(f"no checkpoint in {self.output_dir}; starting a new training run")
             return
         self.accelerator.print(f"resuming from {path}")
-        self.accelerator.load_state(str(path))
+        self.accelerator.load_state(str(path), strict=False)  # checkpoints hold the trainable weights only
         self.global_step = checkpoint_step(path)
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterable[Any]:

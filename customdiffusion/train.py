@@ -1,0 +1,292 @@
+"""Custom Diffusion training (single concept, or joint multi-concept from --concepts_list), SD-1.x and SDXL.
+
+What is special to the method lives here: which parameters train (cross-attention K/V through
+customdiffusion.attention, plus the new modifier-token rows), the masked loss of the resize augmentation
+(customdiffusion.data), prior preservation, and the output layout. The loop, checkpoints, resume, mixed
+precision and multi-GPU come from common.train; flags follow diffusers' train_custom_diffusion.py.
+
+Choices that differ from the upstream script (and why):
+* the token-embedding matrix trains in its own param group without weight decay, so rows other than the
+  modifier rows stay bit-identical (upstream zeroes their gradients but AdamW's decay still shrinks them);
+* the instance loss is the mean over unmasked latent cells and channels (spec §1.5).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from common.cli import ArgumentParser, parse_args
+from common.errors import UsageError
+from common.models.loading import load_pipeline, pipeline_family
+from common.models.tokens import add_tokens_to_pipeline, mask_embedding_grad, split_plus, text_pairs
+from common.pipelines.class_images import ensure_class_images
+from common.pipelines.latents import encode_images
+from common.pipelines.prompts import encode_tokens, tokenize
+from common.pipelines.text2image import generate
+from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
+from common.train.diffusion import masked_mse, noise_latents
+from customdiffusion import attention
+from customdiffusion.data import Concept, CustomDiffusionDataset, collate, load_concepts_list
+from customdiffusion.formats import CustomDiffusionWeights, save, save_diffusers
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Custom Diffusion: fine-tune cross-attention K/V and modifier tokens.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path",
+                       default=DEFAULT_MODEL, help="base model: preset (sd14, sdxl, tiny-sd, ...), hub id or folder")
+    model.add_argument("--revision", default=None, help="hub revision of the base model")
+    model.add_argument("--variant", default=None, help="weights variant of the base model, e.g. fp16")
+    model.add_argument("--tokenizer_name", default=None, help="unused (the base model's tokenizer is used); "
+                                                              "kept for flag compatibility")
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", default=None, help="folder of the concept's images")
+    data.add_argument("--instance_prompt", default=None, help='prompt of the concept, e.g. "photo of a <new1> cat"')
+    data.add_argument("--class_data_dir", default=None, help="folder of prior-preservation (class) images")
+    data.add_argument("--class_prompt", default=None, help='prompt of the class images, e.g. "cat"')
+    data.add_argument("--concepts_list", default=None,
+                      help="JSON list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir} for "
+                           "joint multi-concept training (CustomConcept101 dataset.json entries work)")
+    data.add_argument("--with_prior_preservation", action="store_true", help="add the class-image prior loss")
+    data.add_argument("--real_prior", action="store_true",
+                      help="class images are real ones listed in class_data_dir/images.txt with caption.txt")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
+    data.add_argument("--num_class_images", type=int, default=200,
+                      help="class images per concept; missing ones are generated with the base model")
+    data.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    data.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+                      help="dtype for generating class images (default: the training precision)")
+    data.add_argument("--resolution", type=int, default=512, help="training image size")
+    data.add_argument("--center_crop", action="store_true", help="center-crop class images (else random crop)")
+    data.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    data.add_argument("--noaug", action="store_true", help="turn off the resize augmentation")
+    method = parser.add_argument_group("custom diffusion")
+    method.add_argument("--freeze_model", default="crossattn_kv", choices=["crossattn_kv", "crossattn"],
+                        help="crossattn_kv: train K/V of cross-attention; crossattn: also Q and out")
+    method.add_argument("--modifier_token", default=None, help='new token(s), e.g. "<new1>" or "<new1>+<new2>"')
+    method.add_argument("--initializer_token", default="ktn+pll+ucd",
+                        help="words whose embeddings initialise the modifier tokens, '+'-joined")
+    method.add_argument("--validation_prompt", default=None, help="prompt sampled every --validation_steps")
+    method.add_argument("--num_validation_images", type=int, default=2, help="images per validation")
+    method.add_argument("--no_safe_serialization", action="store_true", help="write .bin instead of .safetensors")
+    method.add_argument("--save_format", default="diffusers", choices=["diffusers", "delta", "ldm"],
+                        help="diffusers: pytorch_custom_diffusion_weights + <newN> files (upstream); delta: the "
+                             "original repo's delta file; ldm: CompVis delta_*.ckpt naming")
+    compat = parser.add_argument_group("compatibility (accepted, not needed here)")
+    compat.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="no-op: attention already runs through torch's fused SDPA")
+    compat.add_argument("--local_rank", type=int, default=-1, help="set by launchers; accelerate reads the env")
+    compat.add_argument("--push_to_hub", action="store_true", help="not supported here: upload output_dir yourself")
+    compat.add_argument("--hub_token", default=None, help="unused (see --push_to_hub)")
+    compat.add_argument("--hub_model_id", default=None, help="unused (see --push_to_hub)")
+    add_training_args(parser, output_dir="custom-diffusion-model")
+    return parser
+
+
+def concepts_from_args(args: argparse.Namespace) -> list[Concept]:
+    if args.concepts_list:
+        return load_concepts_list(args.concepts_list, args.with_prior_preservation)
+    if not args.instance_data_dir or not args.instance_prompt:
+        raise UsageError("give --instance_data_dir and --instance_prompt (or --concepts_list)")
+    if args.with_prior_preservation and (not args.class_data_dir or not args.class_prompt):
+        raise UsageError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    return [Concept(args.instance_prompt, args.instance_data_dir, args.class_prompt, args.class_data_dir)]
+
+
+def check_args(args: argparse.Namespace, concepts: list[Concept]) -> None:
+    if args.push_to_hub:
+        raise UsageError("--push_to_hub is not supported here; upload --output_dir with `hf upload` afterwards")
+    tokens = split_plus(args.modifier_token)
+    for c in concepts:
+        if tokens and not any(t in c.instance_prompt for t in tokens):
+            raise UsageError(f"instance prompt {c.instance_prompt!r} uses none of the modifier tokens {tokens}")
+    if args.resolution % 8:
+        raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a model, casting only when the dtype really changes (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
+class CustomDiffusionMethod(TrainingMethod):
+    """Trainable: Custom Diffusion processors of the UNet's cross-attention, and the modifier-token rows."""
+
+    name = "custom-diffusion"
+
+    def __init__(self, args: argparse.Namespace, concepts: list[Concept]):
+        self.args, self.concepts = args, concepts
+        self.tokens = split_plus(args.modifier_token)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, accelerator) -> None:
+        args = self.args
+        self.device = accelerator.device
+        pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+        self.family = pipeline_family(pipe)
+        if self.family not in ("sd", "sdxl"):
+            raise UsageError(f"Custom Diffusion trains SD-1.x/2.x and SDXL UNets, not a {self.family} pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for _, enc in text_pairs(pipe):
+            enc.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        self.token_ids: list[list[int]] = []
+        if self.tokens:
+            self.token_ids = add_tokens_to_pipeline(pipe, self.tokens, split_plus(args.initializer_token))
+        self.generate_class_images(accelerator)
+        attention.install(pipe.unet, args.freeze_model)
+        dtype = compute_dtype(accelerator)
+        _place(pipe.vae, self.device, dtype)
+        _place(pipe.unet, self.device, dtype)
+        for proc in attention.custom_processors(pipe.unet).values():
+            proc.to(dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
+        self.text_encoders = []
+        for i, (_, enc) in enumerate(text_pairs(pipe)):
+            train_tokens = bool(self.tokens)
+            _place(enc, self.device, torch.float32 if train_tokens else dtype)
+            if train_tokens:
+                emb = enc.get_input_embeddings().weight
+                emb.requires_grad_(True)
+                mask_embedding_grad(enc, self.token_ids[i])
+            self.text_encoders.append(enc)
+        self.unet = pipe.unet
+        for i, enc in enumerate(self.text_encoders):
+            setattr(self, self._encoder_attr(i), enc)
+
+    @staticmethod
+    def _encoder_attr(i: int) -> str:
+        return "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+
+    def generate_class_images(self, accelerator) -> None:
+        """Fill each concept's class folder with the base model (before any weight is touched)."""
+        args = self.args
+        if not args.with_prior_preservation or args.real_prior:
+            return
+        if accelerator.is_main_process:
+            precision = args.prior_generation_precision or accelerator.mixed_precision
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            for module in self.pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    _place(module, self.device, dtype)
+            for i, c in enumerate(self.concepts):
+                ensure_class_images(self.pipe, c.class_prompt, c.class_data_dir, args.num_class_images,
+                                    batch_size=args.sample_batch_size, seed=args.seed + i,
+                                    height=args.resolution, width=args.resolution)
+            for module in self.pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    _place(module, self.device, torch.float32)
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------- trainer hooks
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet}
+        if self.tokens:
+            mods.update({self._encoder_attr(i): enc for i, enc in enumerate(self.text_encoders)})
+        return mods
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        lr = self.args.learning_rate
+        if self.args.scale_lr and self.args.with_prior_preservation:
+            lr *= 2  # upstream rule: prior images double the effective batch
+        groups = [{"params": list(attention.trainable_parameters(self.pipe.unet).values()), "lr": lr}]
+        if self.tokens:
+            embeds = [enc.get_input_embeddings().weight for _, enc in text_pairs(self.pipe)]
+            groups.append({"params": embeds, "lr": lr, "weight_decay": 0.0})
+        return groups
+
+    def loss(self, batch: dict[str, Any], accelerator) -> torch.Tensor:
+        pixels = batch["pixel_values"].to(self.device, dtype=self.pipe.vae.dtype)
+        with torch.no_grad():
+            latents = encode_images(self.pipe.vae, pixels).float()
+        noised = noise_latents(self.noise_scheduler, latents)
+        encoders = [getattr(self, self._encoder_attr(i)) for i in range(len(self.text_encoders))]
+        embeds, pooled = encode_tokens(encoders, tokenize(self.pipe, batch["prompts"]), self.family)
+        added = None
+        if self.family == "sdxl":
+            s = self.args.resolution
+            time_ids = torch.tensor([[s, s, 0, 0, s, s]], device=self.device, dtype=embeds.dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pixels), 1)}
+        dtype = self.pipe.unet.dtype
+        pred = self.unet(noised.x_t.to(dtype), noised.t, embeds.to(dtype), added_cond_kwargs=added).sample
+        n = batch["num_instance"]
+        mask = batch["mask"].to(self.device)
+        loss = masked_mse(pred[:n], noised.target[:n], mask[:n])
+        if self.args.with_prior_preservation:
+            loss = loss + self.args.prior_loss_weight * F.mse_loss(pred[n:].float(), noised.target[n:].float())
+        return loss
+
+    def trained_weights(self) -> CustomDiffusionWeights:
+        unet_sd = {attention.proc_key_to_param(k): v.float() for k, v in attention.get_state(self.pipe.unet).items()}
+        tokens = {}
+        for j, token in enumerate(self.tokens):
+            tokens[token] = [enc.get_input_embeddings().weight[ids[j]].detach().float().clone()
+                             for (_, enc), ids in zip(text_pairs(self.pipe), self.token_ids)]
+        return CustomDiffusionWeights(unet_sd, tokens)
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return attention.get_state(self.pipe.unet)
+
+    def save_final(self, directory) -> None:
+        weights = self.trained_weights()
+        safe = not self.args.no_safe_serialization
+        if self.args.save_format == "diffusers":
+            save_diffusers(weights, directory, safe_serialization=safe)
+        else:
+            ext = ".safetensors" if safe else ".bin"
+            name = "delta" if self.args.save_format == "delta" else "delta_model"
+            save(weights, Path(directory) / f"{name}{ext}", fmt=self.args.save_format,
+                 unet_config=dict(self.pipe.unet.config))
+
+    def validate(self, step: int) -> list:
+        if not self.args.validation_prompt:
+            return []
+        generator = torch.Generator(self.device).manual_seed(self.args.seed)
+        return generate(self.pipe, [self.args.validation_prompt] * self.args.num_validation_images,
+                        num_inference_steps=25, guidance_scale=6.0, eta=1.0, generator=generator,
+                        height=self.args.resolution, width=self.args.resolution, output_type="pil", progress=False)
+
+
+def main(argv: Sequence[str] | None = None) -> Trainer:
+    args = parse_args(build_parser(), argv)
+    concepts = concepts_from_args(args)
+    check_args(args, concepts)
+    method = CustomDiffusionMethod(args, concepts)
+    # Class images are generated in setup (inside the Trainer); the dataset is built lazily after it.
+    dataset = _LazyDataset(lambda: CustomDiffusionDataset(
+        concepts, args.resolution, with_prior_preservation=args.with_prior_preservation,
+        real_prior=args.real_prior, num_class_images=args.num_class_images, center_crop=args.center_crop,
+        hflip=args.hflip, aug=not args.noaug))
+    trainer = Trainer(args, method, dataset, collate_fn=collate)
+    trainer.train()
+    return trainer
+
+
+class _LazyDataset(torch.utils.data.Dataset):
+    """Builds the real dataset on first use, i.e. after setup() generated the class images."""
+
+    def __init__(self, build):
+        self._build, self._dataset = build, None
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = self._build()
+        return self._dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]

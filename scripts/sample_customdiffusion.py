@@ -1,0 +1,5 @@
+from customdiffusion.sample import main
+from common.cli import run
+
+if __name__ == "__main__":
+    run(main)

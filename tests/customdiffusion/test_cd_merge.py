@@ -1,0 +1,125 @@
+"""Closed-form merge: constraints, KKT optimality, de-duplication, rank errors, tiny SD/SDXL pipelines."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.errors import UsageError
+from customdiffusion import formats as F
+from customdiffusion.merge import MergeSolver, dedupe_rows, main, merge_concepts, merge_weight, token_features
+
+
+def _problem(seed=0, out=12, d=16, s=40, m=5):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    w0, c_reg, c_p, w_n = r(out, d), r(s, d), r(m, d), r(out, d)
+    return w0, c_reg, c_p, c_p @ w_n.T
+
+
+def test_constraints_and_kkt():
+    w0, c_reg, c_p, v_p = _problem()
+    w = merge_weight(w0, c_reg, c_p, v_p)
+    assert (c_p @ w.T - v_p).abs().max() < 1e-4
+    # KKT system of min ||C_reg W^T - C_reg W0^T||^2 s.t. C_p W^T = V_p, solved by a generic least-squares solver
+    d, m = c_p.shape[1], c_p.shape[0]
+    kkt = torch.zeros(d + m, d + m, dtype=torch.float64)
+    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = 2 * c_reg.T @ c_reg, c_p.T, c_p
+    rhs = torch.cat([2 * c_reg.T @ c_reg @ w0.T, v_p])
+    sol = torch.linalg.lstsq(kkt, rhs).solution[:d].T
+    assert (w - sol).abs().max() < 1e-6
+
+
+def test_optimality_and_identity():
+    w0, c_reg, c_p, v_p = _problem(1)
+    w = merge_weight(w0, c_reg, c_p, v_p)
+    cost = lambda x: torch.linalg.norm(c_reg @ x.T - c_reg @ w0.T)
+    null = torch.eye(c_p.shape[1], dtype=torch.float64) - torch.linalg.pinv(c_p) @ c_p  # projector onto ker C_p
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        delta = torch.randn(w.shape, generator=g, dtype=torch.float64) @ null  # C_p delta^T = 0
+        assert (c_p @ delta.T).abs().max() < 1e-9
+        for eps in (1e-3, 1e-1, 1.0):
+            assert cost(w + eps * delta) >= cost(w) - 1e-9
+    assert torch.allclose(merge_weight(w0, c_reg, c_p, c_p @ w0.T), w0, atol=1e-10)
+
+
+def test_duplicate_rows_removed():
+    w0, c_reg, c_p, v_p = _problem(2)
+    dup_c = torch.cat([c_p, c_p[1:3], c_p[:1]])
+    dup_v = torch.cat([v_p, v_p[1:3], v_p[:1]])
+    assert dedupe_rows(dup_c) == list(range(c_p.shape[0]))
+    assert torch.equal(merge_weight(w0, c_reg, dup_c, dup_v), merge_weight(w0, c_reg, c_p, v_p))
+
+
+def test_rank_deficient_errors():
+    w0, c_reg, c_p, v_p = _problem(3, s=40)
+    low = c_reg[:, :3] @ torch.randn(3, c_reg.shape[1], dtype=torch.float64)  # rank 3 < d
+    with pytest.raises(UsageError, match="rank 3 < 16"):
+        merge_weight(w0, low, c_p, v_p)
+    dependent = torch.cat([c_p, c_p[:1] + c_p[1:2]])
+    with pytest.raises(UsageError, match="linearly dependent"):
+        MergeSolver(c_reg, dependent)
+
+
+def _trained_like(pipe):
+    """Random final-LayerNorm affine parameters: at init (weight 1, bias 0) every feature row has zero mean, so
+    C_reg^T C_reg is singular -- unlike a trained CLIP's features."""
+    from common.models.tokens import text_pairs
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, enc in text_pairs(pipe):
+            for mod in enc.modules():
+                if isinstance(mod, torch.nn.LayerNorm):
+                    mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
+                    mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+    return pipe
+
+
+def test_degenerate_features_refused(tiny, concept):
+    """The untouched tiny text encoder's features span only d-1 dimensions: a clear error, not garbage."""
+    from customdiffusion.merge import DEFAULT_CAPTIONS, read_captions
+
+    base = tiny()
+    with pytest.raises(UsageError, match="rank 31 < 32"):
+        merge_concepts(base, [concept(base)], ["cat"], read_captions(DEFAULT_CAPTIONS))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_merge_on_tiny_pipeline(tiny, concept, name):
+    from customdiffusion.merge import DEFAULT_CAPTIONS, read_captions
+
+    base = _trained_like(tiny(name))
+    c1, c2 = concept(base, seed=1), concept(base, seed=2, tokens=("<tok_b>",))
+    merged = merge_concepts(base, [c1, c2], ["cat", "wooden pot"], read_captions(DEFAULT_CAPTIONS))
+    assert list(merged.tokens) == ["<new1>", "<new2>"]
+    assert torch.equal(merged.tokens["<new2>"][0], c2.tokens["<tok_b>"][0])
+    # `base` now knows both tokens: each concept's target features map as that concept's own weights do
+    for n, (c, cat) in enumerate([(c1, "cat"), (c2, "wooden pot")]):
+        feats = token_features(base, [f"<new{n + 1}> {cat}", f"photo of a <new{n + 1}> {cat}"])
+        for key, w_merged in merged.unet.items():
+            want, got = feats @ c.unet[key].T, feats @ w_merged.T
+            assert (want - got).abs().max() < 1e-3 * max(1.0, want.abs().max().item()), key
+
+
+def test_merge_input_errors(tiny, concept, tmp_path):
+    base = _trained_like(tiny())
+    c1 = concept(base)
+    caps = [f"caption number {i} about a red house" for i in range(50)]
+    with pytest.raises(UsageError, match="2 models but 1 categories"):
+        merge_concepts(base, [c1, c1], ["cat"], caps)
+    with pytest.raises(UsageError, match="only single-token"):
+        merge_concepts(base, [concept(base, tokens=("<a>", "<b>"))], ["cat"], caps)
+    with pytest.raises(UsageError, match="does not match"):
+        merge_concepts(tiny(), [c1, concept(tiny("tiny-sdxl"))], ["cat", "dog"], caps)
+
+
+def test_merge_cli(tiny, concept, tmp_path):
+    base = _trained_like(tiny())
+    base.save_pretrained(tmp_path / "base")
+    F.save(concept(base, seed=1), tmp_path / "a" / "delta.bin")
+    F.save(concept(base, seed=2), tmp_path / "b", "diffusers")
+    out = main(["--paths", f"{tmp_path / 'a' / 'delta.bin'}+{tmp_path / 'b'}", "--categories", "cat+wooden pot",
+                "--ckpt", str(tmp_path / "base"), "--save_path", str(tmp_path / "opt"), "--device", "cpu"])
+    assert out == tmp_path / "opt" / "optimized_cat+wooden_pot" / "delta.safetensors"
+    assert list(F.load(out).tokens) == ["<new1>", "<new2>"]

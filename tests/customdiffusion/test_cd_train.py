@@ -1,0 +1,317 @@
+"""Custom Diffusion training: augmentation geometry, what trains, losses, lr rule, resume, bad input (spec §5)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.errors import UsageError
+from common.models.tiny import build_tiny
+from customdiffusion import data as cd_data
+from customdiffusion.train import main
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "assets" / "demo"
+S = 64
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Two concepts of two images (drawn by assets/make_demo_images.py) and two class images each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo_images", DEMO.parent / "make_demo_images.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("cd_demo")
+    mod.make(root / "instances", size=80)
+    for name in ("toy_robot", "teapot"):
+        cls = root / "class" / name
+        cls.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((S, S, 3), 40 * i + 60, np.uint8)).save(cls / f"class_{i:05d}.jpg")
+    return root
+
+
+def _flags(demo: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "tiny-sd", "--instance_data_dir", str(demo / "instances" / "toy_robot"),
+            "--instance_prompt", "photo of a <new1> toy", "--modifier_token", "<new1>", "--resolution", str(S),
+            "--train_batch_size", "2", "--output_dir", str(out), "--report_to", "none", "--lr_warmup_steps", "0",
+            "--dataloader_num_workers", "0", "--learning_rate", "1e-3", "--adam_weight_decay", "0", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+def _fixed_scale(monkeypatch, r: int):
+    monkeypatch.setattr(cd_data, "draw_scale", lambda size: r)
+
+
+def test_zoom_out_pastes_on_zero_canvas_with_shrunk_mask(monkeypatch):
+    np.random.seed(3)
+    _fixed_scale(monkeypatch, 24)  # < 0.6 S
+    img = Image.fromarray(np.full((50, 50, 3), 255, np.uint8))
+    pixels, mask, prompt = cd_data.augment(img, "photo of a <new1> toy", S)
+    inside = pixels[0] != 0
+    rows, cols = torch.nonzero(inside.any(1)).flatten(), torch.nonzero(inside.any(0)).flatten()
+    top, left = int(rows[0]), int(cols[0])
+    assert len(rows) == len(cols) == 24 and torch.all(pixels[:, top:top + 24, left:left + 24] == 1)
+    expected = torch.zeros(1, S // 8, S // 8)
+    expected[:, top // 8 + 1:(top + 24) // 8 - 1, left // 8 + 1:(left + 24) // 8 - 1] = 1
+    assert torch.equal(mask, expected)
+    assert prompt.startswith(("a far away ", "very small ")) and prompt.endswith("photo of a <new1> toy")
+
+
+def test_zoom_in_crops_with_full_mask_and_prefix(monkeypatch):
+    _fixed_scale(monkeypatch, 80)  # > S
+    pixels, mask, prompt = cd_data.augment(Image.new("RGB", (70, 70), (10, 20, 30)), "a toy", S)
+    assert pixels.shape == (3, S, S) and torch.equal(mask, torch.ones(1, S // 8, S // 8))
+    assert prompt in ("zoomed in a toy", "close up a toy")
+
+
+def test_mid_scale_pastes_without_prefix_and_noaug_keeps_everything():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    canvas, mask = cd_data.place(torch.ones(3, 48, 48), S, 48)
+    assert 0.6 * S <= 48 < S and mask.sum() < mask.numel() and canvas.eq(0).any()
+    img = Image.new("RGB", (S, S), (255, 0, 0))
+    pixels, mask, prompt = cd_data.augment(img, "a toy", S, aug=False)
+    assert prompt == "a toy" and torch.equal(mask, torch.ones(1, S // 8, S // 8))
+    assert torch.allclose(pixels[0], torch.ones(S, S)) and torch.allclose(pixels[1], -torch.ones(S, S))
+
+
+def test_scale_distribution():
+    np.random.seed(0)
+    r = np.array([cd_data.draw_scale(512) for _ in range(10_000)])
+    assert abs((r <= 512).mean() - 0.66) < 0.02
+    low, high = r[r <= 512], r[r > 512]
+    assert low.min() >= 512 // 3 and low.max() <= 512
+    assert high.min() >= int(1.2 * 512) and high.max() < int(1.4 * 512)
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+def _base():
+    return build_tiny("tiny-sd")
+
+
+def test_one_step_changes_only_kv_and_the_modifier_row(demo, tmp_path):
+    trainer = main(_flags(demo, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0"))
+    pipe, base = trainer.method.pipe, _base()
+    # base UNet weights untouched (training happens in the processors' own K/V copies)
+    base_sd = base.unet.state_dict()
+    for k, v in pipe.unet.state_dict().items():
+        if "processor" not in k:
+            assert torch.equal(v, base_sd[k]), k
+    procs = {k: v for k, v in pipe.unet.state_dict().items() if "custom_diffusion" in k}
+    assert procs and all(k.split(".processor.")[1].startswith(("to_k_custom", "to_v_custom")) for k in procs)
+    changed = [k for k, v in procs.items()
+               if not torch.equal(v, base_sd[k.replace(".processor.", ".").replace("_custom_diffusion", "")])]
+    assert len(changed) == len(procs)
+    # text encoder: only the new row moved; it started at the initializer's ("ktn") row
+    emb, base_emb = pipe.text_encoder.get_input_embeddings().weight, base.text_encoder.get_input_embeddings().weight
+    new_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    assert new_id == base_emb.shape[0] and torch.equal(emb[:new_id], base_emb)
+    ktn = pipe.tokenizer.get_vocab()["ktn"]
+    assert not torch.equal(emb[new_id], base_emb[ktn])
+    enc_sd, base_enc = pipe.text_encoder.state_dict(), base.text_encoder.state_dict()
+    assert all(torch.equal(v, base_enc[k]) for k, v in enc_sd.items() if "token_embedding" not in k)
+    out = tmp_path / "out"
+    assert (out / "pytorch_custom_diffusion_weights.safetensors").is_file() and (out / "<new1>.safetensors").is_file()
+
+
+def test_gradients_reach_only_trainable_parameters(demo, tmp_path):
+    trainer = main(_flags(demo, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                          "--freeze_model", "crossattn"))
+    m = trainer.method
+    batch = next(iter(trainer.train_dataloader))
+    m.loss(batch, trainer.accelerator).backward()
+    with_grad = {n for n, p in m.pipe.unet.named_parameters() if p.grad is not None}
+    assert with_grad and all(".attn2.processor." in n for n in with_grad)
+    assert {n.split(".processor.")[1] for n in with_grad} == {
+        "to_q_custom_diffusion.weight", "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
+        "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"}
+    assert all(p.grad is None for p in m.pipe.vae.parameters())
+    grads = {n for n, p in m.pipe.text_encoder.named_parameters() if p.grad is not None}
+    assert len(grads) == 1 and next(iter(grads)).endswith("embeddings.token_embedding.weight")
+    g = m.pipe.text_encoder.get_input_embeddings().weight.grad
+    new_id = m.pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    assert g[new_id].abs().sum() > 0 and g[:new_id].abs().sum() == 0
+
+
+def test_joint_training_trains_every_modifier_row(demo, tmp_path):
+    concepts = [{"instance_prompt": "photo of a <new1> toy", "instance_data_dir": str(demo / "instances/toy_robot"),
+                 "class_prompt": "toy", "class_data_dir": str(demo / "class/toy_robot")},
+                {"instance_prompt": "photo of a <new2> teapot", "instance_data_dir": str(demo / "instances/teapot"),
+                 "class_prompt": "teapot", "class_data_dir": str(demo / "class/teapot")}]
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(concepts))
+    flags = _flags(demo, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "0",
+                   "--concepts_list", str(path), "--modifier_token", "<new1>+<new2>", "--with_prior_preservation",
+                   "--num_class_images", "2", "--train_batch_size", "2")
+    trainer = main(flags)
+    pipe, base = trainer.method.pipe, _base()
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    vocab = base.tokenizer.get_vocab()
+    for token, init in (("<new1>", "ktn"), ("<new2>", "pll")):
+        row = emb[pipe.tokenizer.convert_tokens_to_ids(token)]
+        assert not torch.equal(row, base.text_encoder.get_input_embeddings().weight[vocab[init]]), token
+    assert len(trainer.train_dataset) == 4
+
+
+def test_prior_loss_is_added_with_its_weight(demo, tmp_path):
+    flags = _flags(demo, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0",
+                   "--with_prior_preservation", "--class_prompt", "toy",
+                   "--class_data_dir", str(demo / "class/toy_robot"), "--num_class_images", "2")
+    trainer = main(flags)
+    m = trainer.method
+    batch = next(iter(trainer.train_dataloader))
+    assert batch["pixel_values"].shape[0] == 2 * batch["num_instance"]
+    assert torch.all(batch["mask"][batch["num_instance"]:] == 1)
+
+    def loss_with(weight):
+        m.args.prior_loss_weight = weight
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return m.loss(batch, trainer.accelerator).item()
+
+    l0, l1, l2 = loss_with(0.0), loss_with(1.0), loss_with(2.0)
+    assert l1 > l0 and abs((l2 - l0) - 2 * (l1 - l0)) < 1e-5
+
+
+def test_scale_lr_rule(demo, tmp_path):
+    flags = _flags(demo, tmp_path / "a", "--max_train_steps", "1", "--checkpointing_steps", "0", "--scale_lr",
+                   "--learning_rate", "1e-5")
+    assert main(flags).optimizer.param_groups[0]["lr"] == pytest.approx(2e-5)
+    flags = _flags(demo, tmp_path / "b", "--max_train_steps", "1", "--checkpointing_steps", "0", "--scale_lr",
+                   "--learning_rate", "1e-5", "--with_prior_preservation", "--class_prompt", "toy",
+                   "--class_data_dir", str(demo / "class/toy_robot"), "--num_class_images", "2")
+    trainer = main(flags)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([4e-5, 4e-5])
+    assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_interrupted_and_resumed_run_reaches_the_same_weights(demo, tmp_path):
+    from common.io import load_weights
+
+    full = tmp_path / "full"
+    main(_flags(demo, full, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    part = tmp_path / "part"
+    main(_flags(demo, part, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main(_flags(demo, part, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume_from_checkpoint",
+                "latest"))
+    for name in ("pytorch_custom_diffusion_weights.safetensors", "<new1>.safetensors"):
+        a, b = load_weights(full / name), load_weights(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sdxl_trains_modifier_rows_in_both_text_encoders(demo, tmp_path):
+    flags = _flags(demo, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0")
+    flags[1] = "tiny-sdxl"
+    trainer = main(flags)
+    pipe, base = trainer.method.pipe, build_tiny("tiny-sdxl")
+    for tok, enc, base_enc in ((pipe.tokenizer, pipe.text_encoder, base.text_encoder),
+                               (pipe.tokenizer_2, pipe.text_encoder_2, base.text_encoder_2)):
+        new_id = tok.convert_tokens_to_ids("<new1>")
+        w, w0 = enc.get_input_embeddings().weight, base_enc.get_input_embeddings().weight
+        assert torch.equal(w[:new_id], w0) and not torch.equal(w[new_id], w0[tok.get_vocab()["ktn"]])
+    from common.io import load_weights
+
+    emb = load_weights(tmp_path / "out" / "<new1>.safetensors")
+    assert set(emb) == {"clip_l", "clip_g"}
+
+
+def test_trained_concept_samples_through_the_shared_loop(demo, tmp_path):
+    from common.pipelines.text2image import generate
+    from customdiffusion.apply import apply_customdiffusion
+
+    main(_flags(demo, tmp_path / "out", "--max_train_steps", "3", "--checkpointing_steps", "0"))
+    pipe = build_tiny("tiny-sd")
+    apply_customdiffusion(pipe, tmp_path / "out")
+    kw = dict(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False, height=32,
+              width=32)
+    concept = generate(pipe, "photo of a <new1> toy", **kw)
+    plain = generate(build_tiny("tiny-sd"), "photo of a <new1> toy", **kw)
+    assert concept.shape == (1, 3, 32, 32) and torch.isfinite(concept).all() and not torch.equal(concept, plain)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_give_one_line(demo, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--instance_data_dir", str(empty)], "no images found"),
+        (["--modifier_token", "cat"], "already contains"),
+        (["--instance_prompt", "photo of a toy"], "uses none of the modifier tokens"),
+        (["--push_to_hub"], "not supported"),
+        (["--freeze_model", "everything"], "invalid choice"),
+    ]
+    for extra, needle in cases:
+        flags = _flags(demo, tmp_path / "out", "--max_train_steps", "1", *extra)
+        if extra[0] == "--modifier_token":
+            flags[flags.index("photo of a <new1> toy")] = "photo of a cat toy"
+        with pytest.raises(UsageError) as err:
+            main(flags)
+        assert needle in str(err.value) and "\n" not in str(err.value), (extra, str(err.value))
+
+
+def test_multi_token_initializer_is_refused(demo, tmp_path):
+    with pytest.raises(UsageError, match="encodes to"):
+        main(_flags(demo, tmp_path / "out", "--max_train_steps", "1", "--initializer_token", "photograph of"))
+
+
+def test_concepts_list_missing_field(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"instance_prompt": "photo of a <new1> cat"}]))
+    with pytest.raises(UsageError, match="entry 0 lacks instance_data_dir"):
+        main(["--model", "tiny-sd", "--concepts_list", str(path), "--modifier_token", "<new1>",
+              "--output_dir", str(tmp_path / "o")])
+
+
+def test_class_images_are_generated_resumably(tmp_path):
+    from common.pipelines.class_images import ensure_class_images
+
+    pipe = build_tiny("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "cls"
+    first = ensure_class_images(pipe, "toy", folder, 3, batch_size=2, num_inference_steps=1, show_progress=False)
+    assert [p.name for p in first] == ["class_00000.jpg", "class_00001.jpg", "class_00002.jpg"]
+    (folder / "class_00001.jpg").unlink()
+    again = ensure_class_images(pipe, "toy", folder, 3, batch_size=2, num_inference_steps=1, show_progress=False)
+    assert [p.name for p in again] == ["class_00001.jpg"]
+    assert ensure_class_images(pipe, "toy", folder, 3, num_inference_steps=1, show_progress=False) == []
+
+
+def test_two_process_cpu_training(demo, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo) trains a concept: every rank checkpoints its RNG, rank 0 saves."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    flags = _flags(demo, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    flags[flags.index("--train_batch_size") + 1] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "scripts" / "train_customdiffusion.py"), *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    from common.io import load_weights
+
+    trained = load_weights(out / "pytorch_custom_diffusion_weights.safetensors")
+    base = build_tiny("tiny-sd").unet.state_dict()
+    key = next(iter(trained))
+    base_key = key.replace(".processor.", ".").replace("_custom_diffusion", "")
+    assert not torch.equal(trained[key], base[base_key])
