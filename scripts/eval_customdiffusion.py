@@ -1,6 +1,6 @@
-"""Score generated images on CustomConcept101 with the customdiffusion protocol (see common/eval/README_SECTION.md)."""
-if __name__ == "__main__":
-    from common.cli import run
-    from common.eval.runners import main_customdiffusion
+"""Score (and with --generate, first sample) CustomConcept101 with the Custom Diffusion protocol."""
+from common.cli import run
+from customdiffusion.eval import main
 
-    run(main_customdiffusion)
+if __name__ == "__main__":
+    run(main)

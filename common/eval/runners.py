@@ -177,10 +177,21 @@ def _no_generate(args: argparse.Namespace, method: str) -> None:
                          f"scripts/sample_{method}.py first, then run this script without --generate")
 
 
-def main_customdiffusion(argv: Sequence[str] | None = None) -> dict:
+#: A method's sampler for `--generate`: (args, benchmark) -> None, writing <sample_root>/<task>/ + prompts.json.
+GenerateFn = Callable[[argparse.Namespace, Benchmark], None]
+
+
+def main_customdiffusion(argv: Sequence[str] | None = None, *,
+                         add_generate_args: Callable[[ArgumentParser], None] | None = None,
+                         generate: GenerateFn | None = None) -> dict:
     """Custom Diffusion's CustomConcept101 protocol: CLIP-T (ViT-B/32 CLIPScore, modifier tokens removed),
-    CLIP-I and DINO (mean of all generated x target pairs), per concept then averaged."""
-    p = _parser("eval_customdiffusion.py", main_customdiffusion.__doc__)
+    CLIP-I and DINO (mean of all generated x target pairs), per concept then averaged.
+
+    The method package passes `add_generate_args` / `generate` to serve `--generate` (common/ never imports it).
+    """
+    p = _parser("eval_customdiffusion.py", main_customdiffusion.__doc__.split("\n\n")[0])
+    if add_generate_args is not None:
+        add_generate_args(p)
     p.add_argument("--multi", action="store_true", help="multi-concept: use dataset_multiconcept.json pairs")
     p.add_argument("--paper_steps", type=int, default=200, choices=(200, 50),
                    help="which DDPM-step column of the paper's table to show beside ours")
@@ -190,10 +201,13 @@ def main_customdiffusion(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--inception", default=None,
                    help="clean-fid inception-2015-12-05.pt for KID (default: torchvision inception_v3 weights)")
     args = parse_args(p, argv)
-    _no_generate(args, "customdiffusion")
+    if generate is None:
+        _no_generate(args, "customdiffusion")
     if bool(args.kid_real_dir) != bool(args.kid_gen_dir):
         raise UsageError("KID needs both --kid_real_dir and --kid_gen_dir")
     bench = load_customconcept101(args.benchmark_root, multi=args.multi)
+    if args.generate:
+        generate(args, bench)
     kind = "multi" if args.multi else "single"
     if args.kid_real_dir:
         kid_argv = ["--real_dir", args.kid_real_dir, "--gen_dir", args.kid_gen_dir, "--seed", str(args.seed)]

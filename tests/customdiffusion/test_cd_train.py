@@ -315,3 +315,13 @@ def test_two_process_cpu_training(demo, tmp_path):
     key = next(iter(trained))
     base_key = key.replace(".processor.", ".").replace("_custom_diffusion", "")
     assert not torch.equal(trained[key], base[base_key])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "customdiffusion").glob("train_*.yaml")))
+def test_paper_configs_parse_into_the_trainer_flags(config):
+    from common.cli import parse_args
+    from customdiffusion.train import build_parser
+
+    args = parse_args(build_parser(), ["--config", str(config), "--instance_data_dir", "x",
+                                       "--instance_prompt", "photo of a <new1> cat"])
+    assert args.lr_warmup_steps == 0 and args.max_train_steps in (250, 500, 750) and args.scale_lr
