@@ -1,0 +1,133 @@
+"""Ambiguous images: DeepFloyd IF stage I then stage II, each a synchronized run over the views.
+
+Pixel space is required (views are pixel permutations / negation, which a VAE latent would not commute
+with). Stage II is conditioned, per view, on the view of the upscaled, noise-augmented stage-I canonical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from common.errors import UsageError
+from common.io import atomic_save_image, atomic_write_text
+from common.models.loading import load_pipeline, pipeline_family
+from common.pipelines.loop import Hook, StepState
+from common.pipelines.text2image import prepare, to_pil
+from synctweedies.anagram import StackProjection, ViewProjection
+from synctweedies.outputs import make_save_dir, morph_frames, save_gif, save_images, sheet
+from synctweedies.runtime import device_of, dtype_of, seed_everything
+from synctweedies.sampler import SyncOptions, sync_sample
+from synctweedies.views import get_views
+
+
+def load_stages(args: argparse.Namespace, device, dtype):
+    """(stage I, stage II or None). --model deepfloyd uses the stage paths; tiny-if pairs with tiny-if-sr."""
+    if args.model in ("deepfloyd", "if"):
+        s1, s2 = args.stage_1_path, args.stage_2_path
+    elif args.model == "tiny-if":
+        s1, s2 = "tiny-if", "tiny-if-sr"
+    else:
+        s1, s2 = args.model, args.stage_2_path
+    one = load_pipeline(s1, torch_dtype=dtype, device=device)
+    if pipeline_family(one) != "if":
+        raise UsageError(f"ambiguous images need a DeepFloyd IF stage-I model (pixel space), got {s1}")
+    two = None if args.skip_stage_2 else load_pipeline(s2, torch_dtype=dtype, device=device)
+    if two is not None and pipeline_family(two) != "if-sr":
+        raise UsageError(f"--stage_2_path must be a DeepFloyd IF super-resolution model, got {s2}")
+    return one, two
+
+
+def make_projection(args: argparse.Namespace, views, size: int):
+    if args.optimize_inverse_mapping:
+        return StackProjection(views, size, args.num_of_zs, args.iterations, args.lr)
+    return ViewProjection(views, size)
+
+
+class PreviewHook(Hook):
+    """Every `every` steps, keep the canonical image of g(x0|t) for logging (--log_step)."""
+
+    def __init__(self, projection, every: int):
+        self.projection, self.every, self.previews = projection, every, []
+
+    def on_x0(self, state: StepState) -> None:
+        if self.every > 0 and state.i % self.every == 0:
+            self.previews.append((state.i, _canonical_image(self.projection, self.projection.inverse(state.x0))))
+
+
+def run_stage(pipe, projection, prompts, args, generator, *, image=None, cond_canonical=None):
+    """One synchronized IF stage. Returns (SyncResult, previews)."""
+    family = pipeline_family(pipe)
+    size = pipe.unet.config.sample_size
+    setup = prepare(pipe, prompts, None, num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale, height=size, width=size, generator=generator,
+                    image=image, noise_level=args.stage2_noise_level)
+    if family == "if-sr":  # condition each view on the view of one noised upscaled canonical
+        setup.denoiser.concat_inputs = cond_canonical
+    x_T = setup.x_T
+    if args.initialize_same_xt:
+        x_T = x_T[:1].expand_as(x_T).clone()
+    options = SyncOptions(args.case_num, 1.0, args.initialize_xt_from_zt, args.sampling_method, args.eta)
+    preview = PreviewHook(projection, args.log_step)
+    result = sync_sample(setup.denoiser, pipe.scheduler, projection, options=options, timesteps=setup.timesteps,
+                         x_T=x_T, generator=generator, hooks=[preview], progress=not args.no_progress)
+    return result, preview.previews
+
+
+def stage2_condition(pipe, canonical_image: torch.Tensor, views, size: int, noise_level: int,
+                     generator) -> torch.Tensor:
+    """views of add_noise(upscale(canonical)): [N, 3, size, size]; canonical [1, 3, s, s] in [-1, 1]."""
+    up = F.interpolate(canonical_image, (size, size), mode="bilinear", align_corners=True)
+    noise = randn_tensor(up.shape, generator=generator, device=up.device, dtype=up.dtype)
+    levels = torch.tensor([noise_level], device=up.device)
+    up = pipe.image_noising_scheduler.add_noise(up, noise, timesteps=levels)
+    return ViewProjection(views, size).forward(up)
+
+
+def run(args: argparse.Namespace) -> dict:
+    views = get_views(args.views_names, args.rotate_angle)
+    if len(args.prompts) != len(views):
+        raise UsageError(f"{len(args.prompts)} prompts for {len(views)} views: give one --prompts entry per "
+                         "--views_names entry")
+    if args.optimize_inverse_mapping and args.num_of_zs < 1:
+        raise UsageError("--num_of_zs must be at least 1")
+    device = device_of(args)
+    dtype = dtype_of(args, device)
+    generator = seed_everything(args.seed)
+    out = make_save_dir(args.save_top_dir, args.tag, args.save_dir_now)
+    one, two = load_stages(args, device, dtype)
+    for p in (one, two):
+        if p is not None:
+            p.set_progress_bar_config(disable=True)
+    prompts = [f"{args.style} {p}".strip() for p in args.prompts]
+    s1 = one.unet.config.sample_size
+    proj1 = make_projection(args, views, s1)
+    res1, previews = run_stage(one, proj1, prompts, args, generator)
+    canonical = _canonical_image(proj1, res1.canonical)
+    shown = proj1.forward(res1.canonical).clamp(-1, 1)
+    save_images(shown, out, "stage1_view_{}.png")
+    for i, img in previews:
+        save_images(img.clamp(-1, 1), out, f"stage1_step{i:03d}_canonical{{}}.png")
+    final_views, final_canonical = shown, canonical
+    if two is not None:
+        s2 = two.unet.config.sample_size
+        proj2 = make_projection(args, views, s2)
+        cond = stage2_condition(two, canonical, views, s2, args.stage2_noise_level, generator)
+        res2, _ = run_stage(two, proj2, prompts, args, generator, image=shown, cond_canonical=cond)
+        final_views = proj2.forward(res2.canonical).clamp(-1, 1)
+        final_canonical = _canonical_image(proj2, res2.canonical)
+    paths = save_images(final_views, out, "view_{}.png")
+    atomic_save_image(to_pil(final_canonical.clamp(-1, 1))[0], out / "final.png")
+    atomic_save_image(sheet(final_views), out / "sheet.png")
+    save_gif(morph_frames(final_canonical[0].clamp(-1, 1).float().cpu(), views), out / "morph.gif")
+    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
+    print(f"wrote {out} ({len(paths)} views, final.png, sheet.png, morph.gif)")
+    return {"dir": out, "views": final_views, "canonical": final_canonical}
+
+
+def _canonical_image(projection, z: torch.Tensor) -> torch.Tensor:
+    """The one image behind the views: z itself, or the mean of an n-to-1 stack. [1, 3, s, s]."""
+    return z.mean(0, keepdim=True) if isinstance(projection, StackProjection) else z

@@ -1,0 +1,170 @@
+"""360-degree panoramas: depth-conditioned perspective views of an equirectangular canvas.
+
+Latent views are synchronised through a large latent pano (or, with --average_rgb, through the decoded RGB
+pano); the final views are decoded and averaged into the RGB pano. Artefacts: final.png (the pano),
+view_i.png, crop_i.png (random 60-degree perspective crops) and strip.png (renders all around 360 degrees).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from common.attention.reference import ViewContext, install_cross_view_attention
+from common.errors import UsageError
+from common.io import atomic_save_image, atomic_write_text
+from common.models.loading import load_controlnet, load_pipeline, pipeline_family
+from common.models.presets import is_tiny
+from common.pipelines.denoisers import ControlSpec
+from common.pipelines.latents import encode_images
+from common.pipelines.text2image import prepare, to_pil
+from common.render.panorama import sample_perspective
+from synctweedies.apps.wide_image import decode_in_chunks
+from synctweedies.cases import get_case
+from synctweedies.decoded import DecodedProjection
+from synctweedies.depth import control_disparity
+from synctweedies.outputs import make_save_dir, save_images, sheet
+from synctweedies.panorama import PanoramaProjection, view_angles
+from synctweedies.runtime import ReferenceAttentionSchedule, check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.sampler import SyncOptions, sync_sample
+
+
+def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
+    """SD 1.5 + depth ControlNet (--model controlnet), or a preset (tiny-sd pairs with tiny-controlnet)."""
+    spec = args.sd_path if args.model == "controlnet" else args.model
+    controlnet = None
+    if with_control:
+        from diffusers import StableDiffusionControlNetPipeline
+
+        cn_spec = "tiny-controlnet" if is_tiny(spec) else args.controlnet_path
+        controlnet = load_controlnet(cn_spec, torch_dtype=dtype).to(device)
+        pipe = load_pipeline(spec, StableDiffusionControlNetPipeline, torch_dtype=dtype, device=device,
+                             controlnet=controlnet)
+    else:
+        pipe = load_pipeline(spec, torch_dtype=dtype, device=device)
+    if pipeline_family(pipe) != "sd":
+        raise UsageError(f"panoramas need a Stable Diffusion 1.x/2.x model, got {spec}")
+    return pipe, controlnet
+
+
+def scale_schedule(start: float, end: float):
+    """ControlNet scale interpolated linearly from `start` (first step) to `end` (last step)."""
+    return lambda step, num_steps: start + (end - start) * step / max(num_steps - 1, 1)
+
+
+def validate(args: argparse.Namespace) -> None:
+    if not 0 < args.FOV < 180:
+        raise UsageError(f"--FOV must be between 0 and 180 degrees (exclusive), got {args.FOV}")
+    for name in ("mvd_end", "ref_attention_end", "control_guidance_start", "control_guidance_end", "sdedit_timestep"):
+        check_fraction(name, getattr(args, name))
+    for name in ("canonical_rgb_h", "canonical_rgb_w", "canonical_latent_h", "canonical_latent_w",
+                 "instance_latent_size", "instance_rgb_size", "steps"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive")
+    if args.average_rgb and str(args.case_num) != "2":
+        raise UsageError("--average_rgb averages decoded Tweedie estimates: use it with --case_num 2")
+    if args.compact_sync and get_case(args.case_num).canonical:
+        raise UsageError("--compact_sync needs an instance case (0-3): canonical cases keep the full pano")
+    if args.sdedit and not args.sdedit_image:
+        raise UsageError("--sdedit needs --sdedit_image (an equirectangular RGB pano)")
+
+
+def load_rgb(path: str, h: int, w: int) -> torch.Tensor:
+    """An image as [1, 3, h, w] in [-1, 1]."""
+    try:
+        img = PIL.Image.open(path).convert("RGB").resize((w, h), PIL.Image.BICUBIC)
+    except OSError as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def run(args: argparse.Namespace) -> dict:
+    validate(args)
+    device = device_of(args)
+    dtype = dtype_of(args, device)
+    generator = seed_everything(args.seed)
+    angles = view_angles(tuple(args.theta_range), args.theta_interval, tuple(args.phi_range), args.phi_interval)
+    depth = control_disparity(args.depth_data_path) if args.depth_data_path else None
+    pipe, controlnet = load_models(args, device, dtype, depth is not None)
+    factor = pipe.vae_scale_factor
+    if args.instance_rgb_size != args.instance_latent_size * factor:
+        raise UsageError(f"--instance_rgb_size ({args.instance_rgb_size}) must be --instance_latent_size "
+                         f"({args.instance_latent_size}) x {factor}")
+    latent_proj = PanoramaProjection(args.canonical_latent_h, args.canonical_latent_w, args.instance_latent_size,
+                                     angles, args.FOV, compact_sync=args.compact_sync)
+    rgb_proj = PanoramaProjection(args.canonical_rgb_h, args.canonical_rgb_w, args.instance_rgb_size, angles, args.FOV)
+    n = len(angles)
+    out = make_save_dir(args.save_top_dir, args.tag or "panorama", args.save_dir_now)
+
+    control = None
+    if depth is not None:
+        disp = F.interpolate(depth, (args.canonical_rgb_h, args.canonical_rgb_w), mode="bilinear", align_corners=False)
+        cond = rgb_proj.forward(disp).repeat(1, 3, 1, 1).to(device, dtype)  # [N, 3, s, s] in [0, 1]
+        control = ControlSpec(controlnet, cond, scale_schedule(args.conditioning_scale, args.conditioning_scale_end),
+                              args.control_guidance_start, args.control_guidance_end)
+        save_images(cond * 2 - 1, out, "depth_view_{}.png")
+    setup = prepare(pipe, [args.prompt] * n, [args.negative_prompt] * n, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale, height=args.instance_rgb_size, width=args.instance_rgb_size,
+                    generator=generator, control=control)
+    projection = latent_proj
+    if args.average_rgb:
+        projection = DecodedProjection(rgb_proj, pipe.vae, factor, generator, chunk=args.max_batch_size)
+    timesteps, x_T, z_T = setup.timesteps, setup.x_T, None
+    if args.sdedit:
+        timesteps, x_T, z_T = sdedit_start(args, pipe, latent_proj, rgb_proj, setup, generator)
+        if projection is not latent_proj:
+            z_T = None
+    context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
+                          max_batch=args.max_batch_size)
+    handle = install_cross_view_attention(pipe.unet, context)
+    schedule = ReferenceAttentionSchedule(context, args.ref_attention_end, pipe.scheduler.config.num_train_timesteps)
+    options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
+    try:
+        result = sync_sample(setup.denoiser, pipe.scheduler, projection, options=options, timesteps=timesteps,
+                             x_T=x_T, z_T=z_T, generator=generator, hooks=[schedule], progress=not args.no_progress)
+    finally:
+        handle.restore()
+    with torch.no_grad():
+        views = decode_in_chunks(pipe.vae, result.instances, args.max_batch_size)
+    pano = rgb_proj.inverse(views)
+    save_artefacts(out, pano, rgb_proj.forward(pano), args)
+    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
+    print(f"wrote {out / 'final.png'} ({pano.shape[-1]}x{pano.shape[-2]}, {n} views)")
+    return {"dir": out, "pano": pano, "views": views}
+
+
+def sdedit_start(args, pipe, latent_proj, rgb_proj, setup, generator):
+    """Encode the given pano's views, noise them to the start step; 0 = from x_T, 1 = keep x_0."""
+    pano = load_rgb(args.sdedit_image, args.canonical_rgb_h, args.canonical_rgb_w)
+    views = rgb_proj.forward(pano).to(setup.x_T.device, setup.x_T.dtype)
+    with torch.no_grad():
+        x0 = torch.cat([encode_images(pipe.vae, v, generator) for v in views.split(args.max_batch_size)])
+    start = min(int(round(args.sdedit_timestep * len(setup.timesteps))), len(setup.timesteps) - 1)
+    timesteps = setup.timesteps[start:]
+    t = timesteps[0]
+    noise = setup.x_T
+    if args.initialize_xt_from_zt:
+        noise = latent_proj.forward(latent_proj.canonical_noise(x0.shape[1], generator, x0.device, x0.dtype))
+    x_t = pipe.scheduler.add_noise(x0, noise, t.reshape(1))
+    z_t = latent_proj.inverse(x_t, "latent") if get_case(args.case_num).canonical else None
+    return timesteps, x_t, z_t
+
+
+def save_artefacts(out, pano: torch.Tensor, views: torch.Tensor, args) -> None:
+    """final.png, view_i.png, crop_i.png (random 60-degree crops) and strip.png (8 renders around 360)."""
+    pano = pano.clamp(-1, 1)
+    atomic_save_image(to_pil(pano)[0], out / "final.png")
+    save_images(views.clamp(-1, 1), out, "view_{}.png")
+    size = args.instance_rgb_size
+    rng = random.Random(args.seed)
+    crops = [sample_perspective(pano[0], rng.uniform(0, 360), rng.uniform(-15, 15), 60, size)
+             for _ in range(args.num_random_crops)]
+    if crops:
+        save_images(torch.stack(crops), out, "crop_{}.png")
+    strip = torch.stack([sample_perspective(pano[0], theta, 0, 90, size) for theta in range(0, 360, 45)])
+    atomic_save_image(sheet(strip, pad=0), out / "strip.png")
