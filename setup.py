@@ -16,5 +16,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["common*", "customdiffusion*", "synctweedies*", "mipadapter*", "mudi*", "syncd*"]),
     install_requires=requirements,
+    entry_points={"customization_suite.adapters": ["customdiffusion = customdiffusion.adapter:register"]},
     extras_require={"triton": ["triton"], "bnb": ["bitsandbytes"]},
 )

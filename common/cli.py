@@ -233,6 +233,9 @@ def add_model_args(
         "--dtype", default="fp32", choices=DTYPE_CHOICES, help="dtype of the model weights (default: %(default)s)"
     )
     group.add_argument("--device", default=_default_device(), help="torch device to run on (default: %(default)s)")
+    group.add_argument("--adapters", nargs="*", default=[], metavar="PATH",
+                       help="trained concepts to apply to the model, e.g. a Custom Diffusion output folder "
+                            "(default: none)")
     return group
 
 

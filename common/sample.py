@@ -9,6 +9,7 @@ import torch
 from common.cli import ArgumentParser, add_model_args, add_sampling_args, parse_args, torch_dtype_from_name
 from common.errors import UsageError
 from common.io import atomic_save_image
+from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline
 from common.pipelines.text2image import generate
 
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
             raise UsageError(f"--{flag} must be a positive multiple of 8, got {value}")
     pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=torch_dtype_from_name(args.dtype),
                          device=args.device, revision=args.revision, variant=args.variant)
+    apply_adapters(pipe, args.adapters)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = generate(pipe, args.prompt, args.negative_prompt or None, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, height=args.height, width=args.width, eta=args.eta,

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser, *, seed: int, save_top_dir: str | None, 
     g.add_argument("--save_dir_now", action="store_true", help="append a timestamp folder (else an existing "
                    "output folder is refused)")
     g.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--adapters", nargs="*", default=[], metavar="PATH",
+                   help="trained concepts applied to the diffusion model, e.g. a Custom Diffusion output folder "
+                        "(put its <new1> token in the prompt)")
 
 
 def ambiguous_parser() -> ArgumentParser:

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_text
+from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.loop import Hook, StepState
 from common.pipelines.text2image import prepare, to_pil
@@ -33,6 +34,7 @@ def load_stages(args: argparse.Namespace, device, dtype):
     else:
         s1, s2 = args.model, args.stage_2_path
     one = load_pipeline(s1, torch_dtype=dtype, device=device)
+    apply_adapters(one, args.adapters)
     if pipeline_family(one) != "if":
         raise UsageError(f"ambiguous images need a DeepFloyd IF stage-I model (pixel space), got {s1}")
     two = None if args.skip_stage_2 else load_pipeline(s2, torch_dtype=dtype, device=device)

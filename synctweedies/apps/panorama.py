@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from common.attention.reference import ViewContext, install_cross_view_attention
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_text
+from common.models.adapters import apply_adapters
 from common.models.loading import load_controlnet, load_pipeline, pipeline_family
 from common.models.presets import is_tiny
 from common.pipelines.denoisers import ControlSpec
@@ -49,6 +50,7 @@ def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
         pipe = load_pipeline(spec, torch_dtype=dtype, device=device)
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"panoramas need a Stable Diffusion 1.x/2.x model, got {spec}")
+    apply_adapters(pipe, args.adapters)
     return pipe, controlnet
 
 

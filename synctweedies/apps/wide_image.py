@@ -9,6 +9,7 @@ import torch
 from common.attention.reference import ViewContext, install_cross_view_attention
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_text
+from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.latents import decode_latents
 from common.pipelines.text2image import prepare, to_pil
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(spec, torch_dtype=dtype, device=device)
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"wide images need a Stable Diffusion (SD 1.x/2.x) model, got {spec}")
+    apply_adapters(pipe, args.adapters)
     factor = pipe.vae_scale_factor
     if args.rgb_instance_size != args.latent_instance_size * factor:
         raise UsageError(f"--rgb_instance_size ({args.rgb_instance_size}) must be --latent_instance_size "
