@@ -161,3 +161,16 @@ def test_if_stage_two_equals_diffusers(load_tiny):
     ours = generate(pipe, PROMPT, NEG, generator=torch.Generator().manual_seed(1), progress=False, **kw)
     assert ours.shape == (1, 3, 64, 64)
     assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_partial_schedule_uses_the_right_sigmas_for_flow_matching(load_tiny):
+    """Starting part-way (SDEdit) with a flow-matching scheduler: x0|t must use the sigma of that timestep."""
+    pipe = load_tiny("tiny-flux")
+    setup = prepare(pipe, PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                    max_sequence_length=77)
+    start = 3
+    rec = Recorder()
+    sample(setup.denoiser, pipe.scheduler, setup.x_T, setup.timesteps[start:], hooks=(rec,), progress=False)
+    sigma = pipe.scheduler.sigmas[start]
+    out = setup.denoiser(setup.x_T, setup.timesteps[start], 0)
+    assert torch.allclose(rec.x0[0], setup.x_T - sigma * out, atol=1e-5)

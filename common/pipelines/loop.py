@@ -58,8 +58,9 @@ def sample(denoiser: Callable[..., torch.Tensor], scheduler, x_T: torch.Tensor,
     timesteps = list(scheduler.timesteps if timesteps is None else timesteps)
     need_x0 = bool(hooks) if need_x0 is None else need_x0
     extra_step_kwargs = extra_step_kwargs or {}
+    begin = _begin_index(scheduler, timesteps)  # > 0 when starting part-way (SDEdit, img2img)
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+        scheduler.set_begin_index(begin)
     x = x_T
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
         state = StepState(i=i, t=t, num_steps=len(timesteps), x_t=x)
@@ -69,13 +70,22 @@ def sample(denoiser: Callable[..., torch.Tensor], scheduler, x_T: torch.Tensor,
         for h in hooks:
             h.on_prediction(state)
         if need_x0:
-            state.x0 = original_x0 = to_x0(scheduler, state.model_output, state.x_t, t, i)
+            state.x0 = original_x0 = to_x0(scheduler, state.model_output, state.x_t, t, begin + i)
             for h in hooks:
                 h.on_x0(state)
             if state.x0 is not original_x0:
-                state.model_output = from_x0(scheduler, state.x0, state.x_t, t, i, like=state.model_output)
+                state.model_output = from_x0(scheduler, state.x0, state.x_t, t, begin + i, like=state.model_output)
         state.x_prev = scheduler.step(state.model_output, t, state.x_t, **extra_step_kwargs, return_dict=False)[0]
         for h in hooks:
             h.on_step_end(state)
         x = state.x_prev
     return x
+
+
+def _begin_index(scheduler, timesteps: list) -> int:
+    """Position of the first timestep in the scheduler's full schedule (index-based schedulers need it)."""
+    full = getattr(scheduler, "timesteps", None)
+    if full is None or not timesteps:
+        return 0
+    hits = (full == timesteps[0]).nonzero()
+    return int(hits[0]) if len(hits) else 0
