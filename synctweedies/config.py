@@ -1,5 +1,5 @@
 """The original main.py's flags, per app (same names and defaults), plus --model tiny-*, --device, --dtype,
---eta and --config. Mesh and 3DGS flags are parsed so scripts written for the original fail clearly."""
+--eta and --config, and a few extras (model paths, rasteriser backend) that say where we differ."""
 from __future__ import annotations
 
 import argparse
@@ -136,96 +136,143 @@ def panorama_parser() -> ArgumentParser:
     return p
 
 
+def _control(g, cond_choices=("depth", "normal")) -> None:
+    """ControlNet flags shared by the mesh and Gaussian apps."""
+    g.add_argument("--cond_type", choices=cond_choices, default="depth",
+                   help="ControlNet condition rendered from the geometry")
+    g.add_argument("--guess_mode", action="store_true", help="ControlNet guess mode (conditions the positive "
+                   "CFG half only)")
+    g.add_argument("--conditioning_scale", type=float, default=0.7, help="ControlNet scale at the first step")
+    g.add_argument("--conditioning_scale_end", type=float, default=0.9, help="ControlNet scale at the last step "
+                   "(linear in between)")
+    g.add_argument("--control_guidance_start", type=float, default=0.0, help="ControlNet on from this fraction "
+                   "of the steps")
+    g.add_argument("--control_guidance_end", type=float, default=0.99, help="ControlNet off after this fraction "
+                   "of the steps")
+    g.add_argument("--guidance_rescale", type=float, default=0.0, help="CFG rescale factor (0 = off)")
+
+
 def mesh_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="main.py --app mesh", description="Mesh texturing (comes with the mesh support).")
+    p = ArgumentParser(prog="main.py --app mesh", description="Mesh texturing: a UV texture synchronised over "
+                       "10 depth-conditioned views (SyncMVD layout).")
     _common(p, seed=1, save_top_dir=None, tag_required=True, sampling="ddpm", case="1")
     g = p.add_argument_group("mesh")
-    g.add_argument("--mesh", required=True)
-    g.add_argument("--mesh_config_relative", action="store_true")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative_prompt", default=NEGATIVE)
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance_scale", type=float, default=15.5)
-    g.add_argument("--model", default="controlnet")
-    g.add_argument("--cond_type", default="depth")
-    g.add_argument("--guess_mode", action="store_true")
-    g.add_argument("--conditioning_scale", type=float, default=0.7)
-    g.add_argument("--conditioning_scale_end", type=float, default=0.9)
-    g.add_argument("--control_guidance_start", type=float, default=0.0)
-    g.add_argument("--control_guidance_end", type=float, default=0.99)
-    g.add_argument("--guidance_rescale", type=float, default=0.0)
-    g.add_argument("--latent_view_size", type=int, default=96)
-    g.add_argument("--latent_tex_size", type=int, default=1536)
-    g.add_argument("--rgb_view_size", type=int, default=768)
-    g.add_argument("--rgb_tex_size", type=int, default=1024)
-    g.add_argument("--camera_azims", type=int, nargs="*", action="append")
-    g.add_argument("--top_cameras", action="store_false")
-    g.add_argument("--mvd_end", type=float, default=0.8)
-    g.add_argument("--ref_attention_end", type=float, default=0.2)
-    g.add_argument("--shuffle_bg_change", type=float, default=0.4)
-    g.add_argument("--shuffle_bg_end", type=float, default=0.8)
-    g.add_argument("--mesh_scale", type=float, default=1.0)
-    g.add_argument("--mesh_autouv", action="store_true")
-    g.add_argument("--noise_space", default="texture")
-    g.add_argument("--log_interval", type=int, default=5)
-    g.add_argument("--view_fast_preview", action="store_false")
-    g.add_argument("--tex_fast_preview", action="store_false")
-    g.add_argument("--sdedit", action="store_true")
-    g.add_argument("--sdedit_prompt", default=None)
-    g.add_argument("--sdedit_timestep", type=float, default=0.2)
-    g.add_argument("--log_height", type=int, default=256)
-    g.add_argument("--log_width", type=int, default=256)
-    g.add_argument("--max_batch_size", type=int, default=48)
-    g.add_argument("--disable_voronoi", action="store_true")
-    g.add_argument("--rasterize_mode", default="nearest")
-    g.add_argument("--initialize_xt_from_zt", action="store_true")
-    g.add_argument("--save_gif", action="store_true")
+    g.add_argument("--mesh", required=True, help="input mesh (.obj with UVs and optional texture, .glb, .ply)")
+    g.add_argument("--mesh_config_relative", action="store_true", help="resolve --mesh relative to the --config "
+                   "file's folder")
+    g.add_argument("--prompt", required=True, help="text prompt (a view direction suffix is added per view)")
+    g.add_argument("--negative_prompt", default=NEGATIVE, help="negative prompt")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps")
+    g.add_argument("--guidance_scale", type=float, default=15.5, help="CFG scale")
+    g.add_argument("--model", default="controlnet", help="controlnet (= --sd_path + --controlnet_path) or a "
+                   "preset, e.g. tiny-sd (with tiny-controlnet)")
+    g.add_argument("--sd_path", default="sd15", help="SD model used with --model controlnet")
+    g.add_argument("--controlnet_path", default=None, help="ControlNet (default: SD1.5 depth, or "
+                   "lllyasviel/control_v11p_sd15_normalbae for --cond_type normal)")
+    _control(g)
+    g.add_argument("--latent_view_size", type=int, default=96, help="latent view size (instances)")
+    g.add_argument("--latent_tex_size", type=int, default=1536, help="latent texture size (canonical)")
+    g.add_argument("--rgb_view_size", type=int, default=768, help="RGB view size (= latent view size x 8)")
+    g.add_argument("--rgb_tex_size", type=int, default=1024, help="RGB texture size of the output")
+    g.add_argument("--camera_azims", type=int, nargs="*", action="append", help="extra camera azimuths in "
+                   "degrees at elevation 0, appended to the defaults -180..135 step 45 (as the original)")
+    g.add_argument("--top_cameras", action="store_false", help="on by default: two cameras at elevation 30, "
+                   "azimuth 0 and 180; passing the flag turns them off")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
+    g.add_argument("--ref_attention_end", type=float, default=0.2, help="front/back reference-view attention "
+                   "while t >= (1 - x) T")
+    g.add_argument("--shuffle_bg_change", type=float, default=0.4, help="random-colour backgrounds while "
+                   "t >= (1 - x) T")
+    g.add_argument("--shuffle_bg_end", type=float, default=0.8, help="then random black/white backgrounds while "
+                   "t >= (1 - x) T; white after")
+    g.add_argument("--mesh_scale", type=float, default=1.0, help="the mesh is centred and scaled to fit "
+                   "[-s, s]^3")
+    g.add_argument("--mesh_autouv", action="store_true", help="compute a new UV atlas with xatlas")
+    g.add_argument("--noise_space", choices=("texture",), default="texture", help="where z_T is drawn for "
+                   "--initialize_xt_from_zt (texture only, as the original)")
+    g.add_argument("--log_interval", type=int, default=5, help="save x0|t view previews every N steps (0: off)")
+    g.add_argument("--view_fast_preview", action="store_false", help="on by default: previews use a linear "
+                   "latent->RGB map; passing the flag decodes with the VAE")
+    g.add_argument("--tex_fast_preview", action="store_false", help="on by default: texture previews use the "
+                   "linear map; passing the flag decodes views with the VAE and bakes them")
+    g.add_argument("--sdedit", action="store_true", help="edit the mesh's existing texture instead of "
+                   "generating one")
+    g.add_argument("--sdedit_prompt", default=None, help="target prompt for --sdedit (overrides --prompt)")
+    g.add_argument("--sdedit_timestep", type=float, default=0.2, help="SDEdit start: 0 = from x_T (full "
+                   "generation), 1 = x_0 (no change)")
+    g.add_argument("--log_height", type=int, default=256, help="height of the turntable frames")
+    g.add_argument("--log_width", type=int, default=256, help="width of the turntable frames")
+    g.add_argument("--max_batch_size", type=int, default=48, help="views per attention chunk / VAE batch")
+    g.add_argument("--disable_voronoi", action="store_true", help="leave texels no pixel samples empty "
+                   "instead of Voronoi-filling them")
+    g.add_argument("--rasterize_mode", choices=("nearest", "bilinear"), default="nearest", help="texel lookup "
+                   "of rendering and its adjoint in baking")
+    g.add_argument("--initialize_xt_from_zt", action="store_true", help="z_T ~ N(0, I) on the latent texture, "
+                   "X_T = f(z_T) over iid background noise")
+    g.add_argument("--save_gif", action="store_true", help="also save a 50-frame turntable GIF")
+    g.add_argument("--camera_distance", type=float, default=2.0, help="camera distance from the origin "
+                   "(orthographic cameras seeing [-1, 1]^2, as SyncMVD)")
+    g.add_argument("--raster_backend", choices=("auto", "torch", "triton", "pytorch3d"), default="auto",
+                   help="triangle rasteriser")
     return p
 
 
 def gs_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="main.py --app gs", description="3D Gaussian texturing (comes with the gs support).")
+    p = ArgumentParser(prog="main.py --app gs", description="3D Gaussian texturing: per-Gaussian colours "
+                       "synchronised over depth-conditioned dataset views (n-to-1: Adam inverse).")
     _common(p, seed=0, save_top_dir=None, tag_required=True, top_required=True)
     g = p.add_argument_group("gs")
-    g.add_argument("--log_interval", type=int, default=2)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative_prompt", default=NEGATIVE)
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance_scale", type=float, default=35.0)
-    g.add_argument("--model", default="controlnet")
-    g.add_argument("--cond_type", default="depth")
-    g.add_argument("--guess_mode", action="store_true")
-    g.add_argument("--conditioning_scale", type=float, default=0.7)
-    g.add_argument("--conditioning_scale_end", type=float, default=0.9)
-    g.add_argument("--control_guidance_start", type=float, default=0.0)
-    g.add_argument("--control_guidance_end", type=float, default=0.99)
-    g.add_argument("--guidance_rescale", type=float, default=0.0)
-    g.add_argument("--force_clean_composition", action="store_true")
-    g.add_argument("--dataset_type", choices=("dense", "sparse", "colmap", "blender"), default="colmap")
-    g.add_argument("--plyfile", default=None)
-    g.add_argument("--source_path", default=None)
-    g.add_argument("--up_vec", choices=("z", "y"), default="z")
-    g.add_argument("--antialiased", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--zt_init", action="store_true")
-    g.add_argument("--background_color", choices=("white", "black"), default="white")
-    g.add_argument("--color_assign_method", choices=("previous", "zero", "instance"), default="previous")
-    g.add_argument("--canonical_domain", choices=("rgb", "latent"), default="rgb")
-    g.add_argument("--total_image_to_use", type=int, default=50)
-    g.add_argument("--latent_view_size", type=int, default=64)
-    g.add_argument("--rgb_view_size", type=int, default=512)
-    g.add_argument("--mvd_end", type=float, default=0.8)
-    g.add_argument("--ref_attention_end", type=float, default=0.2)
-    g.add_argument("--max_batch_size", type=int, default=50)
-    g.add_argument("--iterations", type=int, default=1000)
-    g.add_argument("--final_iterations", type=int, default=4000)
-    g.add_argument("--xyz_lr", type=float, default=3e-4)
-    g.add_argument("--scale_lr", type=float, default=0.005)
-    g.add_argument("--quat_lr", type=float, default=0.001)
-    g.add_argument("--opacity_lr", type=float, default=0.05)
-    g.add_argument("--feature_lr", type=float, default=0.025)
-    g.add_argument("--enable_opacity", action="store_true")
-    g.add_argument("--enable_xyz", action="store_true")
-    g.add_argument("--enable_covariance", action="store_true")
+    g.add_argument("--log_interval", type=int, default=2, help="save x0|t view previews every N steps (0: off)")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("--negative_prompt", default=NEGATIVE, help="negative prompt")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps")
+    g.add_argument("--guidance_scale", type=float, default=35.0, help="CFG scale")
+    g.add_argument("--model", default="controlnet", help="controlnet (= --sd_path + --controlnet_path) or a "
+                   "preset, e.g. tiny-sd (with tiny-controlnet)")
+    g.add_argument("--sd_path", default="sd15", help="SD model used with --model controlnet")
+    g.add_argument("--controlnet_path", default=None, help="ControlNet (default: SD1.5 depth)")
+    _control(g, cond_choices=("depth",))
+    g.add_argument("--force_clean_composition", action="store_true", help="composite the decoded views over the "
+                   "exact background colour (by the rendered alpha) before fitting colours")
+    g.add_argument("--dataset_type", choices=("dense", "sparse", "colmap", "blender"), default="colmap",
+                   help="camera source: blender (transforms_train.json) or colmap (dense/sparse = colmap)")
+    g.add_argument("--plyfile", default=None, help="pretrained 3DGS point cloud (.ply)")
+    g.add_argument("--source_path", default=None, help="dataset folder with the cameras")
+    g.add_argument("--up_vec", choices=("z", "y"), default="z", help="world up axis of the scene (kept for "
+                   "compatibility: dataset cameras are used as they are)")
+    g.add_argument("--antialiased", action=argparse.BooleanOptionalAction, default=True,
+                   help="antialiased (gsplat) splatting; --no-antialiased for scenes trained with the original "
+                        "3DGS code")
+    g.add_argument("--zt_init", action="store_true", help="X_T rendered from per-Gaussian noise over iid "
+                   "background noise")
+    g.add_argument("--background_color", choices=("white", "black"), default="white", help="render background")
+    g.add_argument("--color_assign_method", choices=("previous", "zero", "instance"), default="previous",
+                   help="init of each colour fit: the last fit of the same quantity, zeros, or the PLY's colours")
+    g.add_argument("--canonical_domain", choices=("rgb", "latent"), default="rgb", help="per-Gaussian RGB "
+                   "(rendered, VAE-encoded) or 4-channel latent features (rendered at latent size)")
+    g.add_argument("--total_image_to_use", type=int, default=50, help="use the first N dataset cameras")
+    g.add_argument("--latent_view_size", type=int, default=64, help="latent view size (instances)")
+    g.add_argument("--rgb_view_size", type=int, default=512, help="RGB view size (= latent view size x 8)")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
+    g.add_argument("--ref_attention_end", type=float, default=0.2, help="reference-view attention while "
+                   "t >= (1 - x) T")
+    g.add_argument("--max_batch_size", type=int, default=50, help="views per attention chunk / VAE batch")
+    g.add_argument("--iterations", type=int, default=1000, help="Adam steps of each colour fit (the inverse g)")
+    g.add_argument("--final_iterations", type=int, default=4000, help="Adam steps of the final colour fit")
+    g.add_argument("--xyz_lr", type=float, default=3e-4, help="position lr (with --enable_xyz; unused here)")
+    g.add_argument("--scale_lr", type=float, default=0.005, help="scale lr (with --enable_covariance; unused "
+                   "here)")
+    g.add_argument("--quat_lr", type=float, default=0.001, help="rotation lr (with --enable_covariance; unused "
+                   "here)")
+    g.add_argument("--opacity_lr", type=float, default=0.05, help="opacity lr (with --enable_opacity; unused "
+                   "here)")
+    g.add_argument("--feature_lr", type=float, default=0.025, help="Adam lr of the colour features")
+    g.add_argument("--enable_opacity", action="store_true", help="also optimise opacities (not supported: "
+                   "geometry stays fixed)")
+    g.add_argument("--enable_xyz", action="store_true", help="also optimise positions (not supported)")
+    g.add_argument("--enable_covariance", action="store_true", help="also optimise scales/rotations (not "
+                   "supported)")
+    g.add_argument("--views_per_step", type=int, default=1, help="views rendered per Adam step of a fit")
     return p
 
 

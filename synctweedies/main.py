@@ -42,13 +42,14 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if app not in PARSERS:
         raise UsageError(f"unknown --app {app!r}: choose from {', '.join(APPS)}")
     args = parse_args(PARSERS[app](), argv)
-    if app in ("mesh", "gs"):
-        raise UsageError(f"--app {app} comes with the mesh/gs support (a later issue); this build runs "
-                         "ambiguous_image, wide_image and panorama")
     if app == "ambiguous_image":
         from synctweedies.apps.ambiguous_image import run
     elif app == "wide_image":
         from synctweedies.apps.wide_image import run
+    elif app == "mesh":
+        from synctweedies.apps.mesh import run
+    elif app == "gs":
+        from synctweedies.apps.gs import run
     else:
         from synctweedies.apps.panorama import run
     return run(args)

@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from common.attention.reference import ViewContext, install_cross_view_attention
+from common.attention.reference import ViewContext
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_text
 from common.models.adapters import apply_adapters
@@ -25,14 +25,15 @@ from common.pipelines.denoisers import ControlSpec
 from common.pipelines.latents import encode_images
 from common.pipelines.text2image import prepare, to_pil
 from common.render.panorama import sample_perspective
+from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.apps.wide_image import decode_in_chunks
 from synctweedies.cases import get_case
 from synctweedies.decoded import DecodedProjection
 from synctweedies.depth import control_disparity
 from synctweedies.outputs import make_save_dir, save_images, sheet
 from synctweedies.panorama import PanoramaProjection, view_angles
-from synctweedies.runtime import ReferenceAttentionSchedule, check_fraction, device_of, dtype_of, seed_everything
-from synctweedies.sampler import SyncOptions, sync_sample
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.sampler import SyncOptions
 
 
 def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
@@ -123,14 +124,12 @@ def run(args: argparse.Namespace) -> dict:
             z_T = None
     context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
                           max_batch=args.max_batch_size)
-    handle = install_cross_view_attention(pipe.unet, context)
-    schedule = ReferenceAttentionSchedule(context, args.ref_attention_end, pipe.scheduler.config.num_train_timesteps)
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
-    try:
-        result = sync_sample(setup.denoiser, pipe.scheduler, projection, options=options, timesteps=timesteps,
-                             x_T=x_T, z_T=z_T, generator=generator, hooks=[schedule], progress=not args.no_progress)
-    finally:
-        handle.restore()
+    if args.sdedit:
+        options.initialize_xt_from_zt = False  # sdedit_start made the start state; do not redraw it from z_T
+    result = sample_with_view_attention(pipe, setup, projection, options, context,
+                                        ref_attention_end=args.ref_attention_end, timesteps=timesteps, x_T=x_T,
+                                        z_T=z_T, generator=generator, progress=not args.no_progress)
     with torch.no_grad():
         views = decode_in_chunks(pipe.vae, result.instances, args.max_batch_size)
     pano = rgb_proj.inverse(views)

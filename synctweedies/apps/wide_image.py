@@ -6,16 +6,17 @@ import json
 
 import torch
 
-from common.attention.reference import ViewContext, install_cross_view_attention
+from common.attention.reference import ViewContext
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_text
 from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.latents import decode_latents
 from common.pipelines.text2image import prepare, to_pil
+from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.outputs import make_save_dir
-from synctweedies.runtime import ReferenceAttentionSchedule, check_fraction, device_of, dtype_of, seed_everything
-from synctweedies.sampler import SyncOptions, sync_sample
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.sampler import SyncOptions
 from synctweedies.wide import WindowProjection
 
 POSITIVE_PREFIX = "Best quality, extremely detailed "
@@ -65,14 +66,9 @@ def run(args: argparse.Namespace) -> dict:
                     height=proj.window[0] * factor, width=proj.window[1] * factor, generator=generator)
     context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
                           max_batch=args.max_batch_size)
-    handle = install_cross_view_attention(pipe.unet, context)
-    schedule = ReferenceAttentionSchedule(context, args.ref_attention_end, pipe.scheduler.config.num_train_timesteps)
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
-    try:
-        result = sync_sample(setup.denoiser, pipe.scheduler, proj, options=options, timesteps=setup.timesteps,
-                             x_T=setup.x_T, generator=generator, hooks=[schedule], progress=not args.no_progress)
-    finally:
-        handle.restore()
+    result = sample_with_view_attention(pipe, setup, proj, options, context, ref_attention_end=args.ref_attention_end,
+                                        x_T=setup.x_T, generator=generator, progress=not args.no_progress)
     with torch.no_grad():
         rgb_views = decode_in_chunks(pipe.vae, result.instances)
     image = proj.scaled(factor).inverse(rgb_views)

@@ -62,8 +62,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     pano = PANO + ["--tag", "y", "--save_top_dir", str(tmp_path)]
     assert "twice as wide" in _usage_error(pano + ["--depth_data_path", str(tmp_path / "sq.npy")], capsys)
     assert "FOV" in _usage_error(pano + ["--FOV", "180"], capsys)
-    assert "mesh/gs support" in _usage_error(["--app", "mesh", "--mesh", "m.obj", "--prompt", "a", "--tag", "t"],
-                                             capsys)
+    assert "mesh file not found" in _usage_error(["--app", "mesh", "--mesh", str(tmp_path / "m.obj"), "--prompt",
+                                                  "a", "--tag", "t", "--save_top_dir", str(tmp_path)], capsys)
     assert "--app is required" in _usage_error(["--tag", "t"], capsys)
     assert "case_num" in _usage_error(amb + ["--case_num", "9"], capsys)
 
@@ -75,5 +75,6 @@ def test_help_lists_every_app_and_flag():
                          capture_output=True, text=True, check=True, env=env, cwd=root)
     for flag in ("--views_names", "--optimize_inverse_mapping", "--panorama_width", "--window_stride",
                  "--canonical_latent_w", "--average_rgb", "--FOV", "--mesh_autouv", "--no-antialiased",
-                 "--save_dir_now", "--initialize_xt_from_zt", "--mvd_end"):
+                 "--save_dir_now", "--initialize_xt_from_zt", "--mvd_end", "--rasterize_mode", "--save_gif",
+                 "--shuffle_bg_change", "--canonical_domain", "--color_assign_method", "--final_iterations"):
         assert flag in res.stdout, flag
