@@ -22,7 +22,8 @@ class ViewContext:
 
     neighbours: offsets (e.g. (-1, 1)); circular wraps around the block; reference: view ids added with
     weight `reference_weight` (a log-bias log(w) on their logits, so w = 1 is plain joint attention);
-    max_batch: images processed per chunk (the original's split_groups) to bound memory.
+    max_batch: images processed per chunk (the original's split_groups) to bound memory;
+    graph: explicit neighbour lists per view (camera layouts that are not a ring), replacing `neighbours`.
     """
 
     num_views: int
@@ -32,32 +33,48 @@ class ViewContext:
     reference_weight: float = 1.0
     reference_enabled: bool = True
     max_batch: int = 1000
+    graph: tuple[tuple[int, ...], ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def context_of(self, v: int) -> list[tuple[int, float]]:
+        """(view, log-weight) pairs view `v` attends to: itself, its neighbours, then the references."""
+        n = self.num_views
+        if self.graph is not None:
+            candidates = list(self.graph[v])
+        else:
+            candidates = [(v + o) % n if self.circular else v + o for o in self.neighbours]
+        out, seen = [(v, 0.0)], {v}
+        for j in candidates:
+            if 0 <= j < n and j not in seen:
+                out.append((j, 0.0))
+                seen.add(j)
+        if self.reference_enabled:
+            w = math.log(self.reference_weight) if self.reference_weight > 0 else -math.inf
+            for r in self.reference:
+                if r not in seen:
+                    out.append((r, w))
+                    seen.add(r)
+        return out
+
     def plan(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index [B, k] of context images, log-weight [B, k]) for a batch of B = blocks * num_views images."""
+        """(index [B, k] of context images, log-weight [B, k]) for a batch of B = blocks * num_views images.
+
+        Rows shorter than k are padded with the image itself at weight -inf (masked).
+        """
         key = (batch, str(device), self.reference_enabled)
         if key in self._cache:
             return self._cache[key]
         n = self.num_views
         if batch % n:
             raise ValueError(f"batch {batch} is not a multiple of num_views {n}")
-        refs = self.reference if self.reference_enabled else ()
+        per_view = [self.context_of(v) for v in range(n)]
+        width = max(len(c) for c in per_view)
         rows, biases = [], []
         for b in range(batch):
             block, v = divmod(b, n)
-            ids, bias = [v], [0.0]
-            for o in self.neighbours:
-                j = (v + o) % n if self.circular else v + o
-                ok = 0 <= j < n and j not in ids
-                ids.append(j if ok else v)
-                bias.append(0.0 if ok else -math.inf)
-            for r in refs:
-                ok = r not in ids
-                ids.append(r if ok else v)
-                bias.append(math.log(self.reference_weight) if ok and self.reference_weight > 0 else -math.inf)
-            rows.append([block * n + j for j in ids])
-            biases.append(bias)
+            ctx = per_view[v] + [(v, -math.inf)] * (width - len(per_view[v]))
+            rows.append([block * n + j for j, _ in ctx])
+            biases.append([w for _, w in ctx])
         out = (torch.tensor(rows, device=device), torch.tensor(biases, device=device))
         self._cache[key] = out
         return out

@@ -24,7 +24,8 @@ from common.render.raster import rasterize
 from common.render.texture import render_texture
 from synctweedies.apps.geometry_common import (COLORS, PreviewHook, color_latents, control_spec, fast_rgb,
                                                load_control_pipeline)
-from synctweedies.apps.view_sampling import GraphViewContext, sample_with_view_attention
+from common.attention.reference import ViewContext
+from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.apps.wide_image import decode_in_chunks, unet_multiple
 from synctweedies.cases import get_case
 from synctweedies.mesh import MeshProjection, control_images, view_graph, view_prompts
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> dict:
                                  args.max_batch_size))
     refs = tuple(i for i, p in enumerate(poses) if p == (0.0, 0.0))[:1] + \
         tuple(i for i, p in enumerate(poses) if p == (0.0, 180.0))[:1]
-    context = GraphViewContext(num_views=n, reference=refs, max_batch=args.max_batch_size, graph=view_graph(poses))
+    context = ViewContext(num_views=n, reference=refs, max_batch=args.max_batch_size,
+                          graph=tuple(tuple(g) for g in view_graph(poses)))
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
     timesteps, x_T, z_T = setup.timesteps, setup.x_T, None
     if args.sdedit:

@@ -6,9 +6,7 @@ install -> sample -> restore sequence lives here once (wide image, panorama, mes
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 
@@ -16,45 +14,6 @@ from common.attention.reference import ViewContext, install_cross_view_attention
 from common.pipelines.loop import Hook
 from synctweedies.runtime import ReferenceAttentionSchedule
 from synctweedies.sampler import SyncOptions, SyncResult, sync_sample
-
-
-@dataclass
-class GraphViewContext(ViewContext):
-    """A ViewContext whose neighbours are explicit per-view lists (camera layouts that are not a ring).
-
-    graph[v] lists the views v attends to besides itself; shorter lists are padded with masked entries.
-    """
-
-    graph: Sequence[Sequence[int]] = field(default_factory=tuple)
-
-    def plan(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (batch, str(device), self.reference_enabled)
-        if key in self._cache:
-            return self._cache[key]
-        n = self.num_views
-        if batch % n:
-            raise ValueError(f"batch {batch} is not a multiple of num_views {n}")
-        refs = self.reference if self.reference_enabled else ()
-        width = 1 + max((len(g) for g in self.graph), default=0) + len(refs)
-        rows, biases = [], []
-        for b in range(batch):
-            block, v = divmod(b, n)
-            ids, bias = [v], [0.0]
-            for j in self.graph[v]:
-                if j not in ids:
-                    ids.append(j)
-                    bias.append(0.0)
-            for r in refs:
-                if r not in ids:
-                    ids.append(r)
-                    bias.append(math.log(self.reference_weight) if self.reference_weight > 0 else -math.inf)
-            pad = width - len(ids)
-            ids, bias = ids + [v] * pad, bias + [-math.inf] * pad
-            rows.append([block * n + j for j in ids])
-            biases.append(bias)
-        out = (torch.tensor(rows, device=device), torch.tensor(biases, device=device))
-        self._cache[key] = out
-        return out
 
 
 def sample_with_view_attention(pipe, setup, projection, options: SyncOptions, context: ViewContext, *,

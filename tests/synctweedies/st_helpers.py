@@ -25,3 +25,18 @@ def ddim(steps: int = 5, **kw) -> DDIMScheduler:
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
     sched.set_timesteps(steps)
     return sched
+
+
+def usage_error(argv, capsys) -> str:
+    """Run the SyncTweedies CLI on `argv`; assert exit code 2 with one `error:` line; return that line."""
+    import pytest
+
+    from common.cli import run
+    from synctweedies.main import main
+
+    with pytest.raises(SystemExit) as e:
+        run(main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    return err

@@ -49,3 +49,16 @@ def test_joint_attention_equals_concatenated_keys():
     ref = torch.nn.functional.scaled_dot_product_attention(sh(q), sh(k), sh(v)).transpose(1, 2).reshape(1, 5, 16)
     ref = attn.to_out[0](ref)
     assert torch.allclose(ours[0:1], ref, atol=1e-6)
+
+
+def test_explicit_graph_replaces_ring_neighbours_and_pads_masked():
+    import math
+
+    from common.attention.reference import ViewContext
+
+    ctx = ViewContext(num_views=3, graph=((1,), (0, 2), ()), reference=(1,))
+    index, bias = ctx.plan(6, torch.device("cpu"))
+    assert index.shape == (6, 3)
+    assert index[0].tolist() == [0, 1, 0] and bias[0].tolist() == [0.0, 0.0, -math.inf]
+    assert index[1].tolist() == [1, 0, 2]
+    assert index[5].tolist() == [5, 4, 5] and bias[5, 1] == 0.0 and bias[5, 2] == -math.inf

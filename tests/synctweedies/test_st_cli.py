@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import run
+from st_helpers import usage_error
 from synctweedies.depth import write_dpt
 from synctweedies.main import main
 
@@ -17,15 +17,6 @@ PANO = ["--app", "panorama", "--model", "tiny-sd", "--steps", "2", "--canonical_
         "--canonical_latent_w", "64", "--canonical_rgb_h", "64", "--canonical_rgb_w", "128",
         "--instance_latent_size", "8", "--instance_rgb_size", "64", "--theta_interval", "90",
         "--num_random_crops", "2", "--no_progress"]
-
-
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run(main, argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err
-    return err
 
 
 def test_ambiguous_image_smoke(tmp_path):
@@ -56,16 +47,16 @@ def test_panorama_smoke_with_depth(tmp_path):
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     amb = ["--app", "ambiguous_image", "--model", "tiny-if", "--tag", "x", "--save_top_dir", str(tmp_path)]
-    assert "unknown view name" in _usage_error(amb + ["--views_names", "identity", "twirl"], capsys)
-    assert "prompts for 2 views" in _usage_error(amb + ["--prompts", "a horse"], capsys)
+    assert "unknown view name" in usage_error(amb + ["--views_names", "identity", "twirl"], capsys)
+    assert "prompts for 2 views" in usage_error(amb + ["--prompts", "a horse"], capsys)
     np.save(tmp_path / "sq.npy", np.ones((32, 32), np.float32))
     pano = PANO + ["--tag", "y", "--save_top_dir", str(tmp_path)]
-    assert "twice as wide" in _usage_error(pano + ["--depth_data_path", str(tmp_path / "sq.npy")], capsys)
-    assert "FOV" in _usage_error(pano + ["--FOV", "180"], capsys)
-    assert "mesh file not found" in _usage_error(["--app", "mesh", "--mesh", str(tmp_path / "m.obj"), "--prompt",
+    assert "twice as wide" in usage_error(pano + ["--depth_data_path", str(tmp_path / "sq.npy")], capsys)
+    assert "FOV" in usage_error(pano + ["--FOV", "180"], capsys)
+    assert "mesh file not found" in usage_error(["--app", "mesh", "--mesh", str(tmp_path / "m.obj"), "--prompt",
                                                   "a", "--tag", "t", "--save_top_dir", str(tmp_path)], capsys)
-    assert "--app is required" in _usage_error(["--tag", "t"], capsys)
-    assert "case_num" in _usage_error(amb + ["--case_num", "9"], capsys)
+    assert "--app is required" in usage_error(["--tag", "t"], capsys)
+    assert "case_num" in usage_error(amb + ["--case_num", "9"], capsys)
 
 
 def test_help_lists_every_app_and_flag():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import run
+from st_helpers import usage_error
 from common.render.cameras import load_blender
 from common.render.gaussians import load_ply
 from synctweedies.gaussian import GaussianProjection, square_cameras
@@ -98,15 +98,6 @@ def test_gs_app_latent_domain_is_deterministic(scene, tmp_path):
     assert torch.equal(a["colors"], b["colors"]) and torch.equal(a["renders"], b["renders"])
 
 
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run(main, argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err
-    return err
-
-
 def test_gs_bad_inputs_are_one_line_errors(scene, tmp_path, capsys):
     from plyfile import PlyData, PlyElement
 
@@ -114,8 +105,8 @@ def test_gs_bad_inputs_are_one_line_errors(scene, tmp_path, capsys):
     PlyData([PlyElement.describe(arr, "vertex")]).write(str(tmp_path / "points.ply"))
     argv = args_for(scene, tmp_path, "x")
     bad_ply = [a if a != PLY else str(tmp_path / "points.ply") for a in argv]
-    assert "missing vertex properties" in _usage_error(bad_ply, capsys)
-    assert "transforms_train.json" in _usage_error(args_for(tmp_path, tmp_path, "y"), capsys)
-    assert "COLMAP" in _usage_error(args_for(scene, tmp_path, "z", "--dataset_type", "colmap"), capsys)
-    assert "not supported" in _usage_error(argv + ["--enable_xyz"], capsys)
-    assert "cond_type" in _usage_error(argv + ["--cond_type", "normal"], capsys)
+    assert "missing vertex properties" in usage_error(bad_ply, capsys)
+    assert "transforms_train.json" in usage_error(args_for(tmp_path, tmp_path, "y"), capsys)
+    assert "COLMAP" in usage_error(args_for(scene, tmp_path, "z", "--dataset_type", "colmap"), capsys)
+    assert "not supported" in usage_error(argv + ["--enable_xyz"], capsys)
+    assert "cond_type" in usage_error(argv + ["--cond_type", "normal"], capsys)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.cli import run
+from st_helpers import usage_error
 from common.render.cameras import mesh_camera_poses
 from common.render.mesh import box_mesh, load_mesh, normalize_mesh
 from synctweedies.apps.mesh import cameras_for
@@ -133,27 +133,18 @@ def test_mesh_app_sdedit_normal_bilinear_case1(tmp_path):
     assert out["texture"].shape == (3, 32, 32)
 
 
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run(main, argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err
-    return err
-
-
 def test_mesh_bad_inputs_are_one_line_errors(tmp_path, capsys):
     base = TINY + ["--save_top_dir", str(tmp_path), "--tag", "x"]
     (tmp_path / "points.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")
-    assert "no faces" in _usage_error(base + ["--mesh", str(tmp_path / "points.obj")], capsys)
+    assert "no faces" in usage_error(base + ["--mesh", str(tmp_path / "points.obj")], capsys)
     (tmp_path / "lost.mtl").write_text("newmtl m\nmap_Kd missing.png\n")
     (tmp_path / "lost.obj").write_text("mtllib lost.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\n"
                                        "f 1/1 2/2 3/3\n")
-    assert "missing.png" in _usage_error(base + ["--mesh", str(tmp_path / "lost.obj")], capsys)
-    assert "cond_type" in _usage_error(base + ["--mesh", TORUS, "--cond_type", "canny"], capsys)
+    assert "missing.png" in usage_error(base + ["--mesh", str(tmp_path / "lost.obj")], capsys)
+    assert "cond_type" in usage_error(base + ["--mesh", TORUS, "--cond_type", "canny"], capsys)
     (tmp_path / "nouv.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
-    assert "--mesh_autouv" in _usage_error(base + ["--mesh", str(tmp_path / "nouv.obj")], capsys)
-    assert "has none" in _usage_error(base + ["--mesh", str(tmp_path / "nouv.obj"), "--mesh_autouv", "--sdedit"],
+    assert "--mesh_autouv" in usage_error(base + ["--mesh", str(tmp_path / "nouv.obj")], capsys)
+    assert "has none" in usage_error(base + ["--mesh", str(tmp_path / "nouv.obj"), "--mesh_autouv", "--sdedit"],
                                       capsys)
-    assert "mesh file not found" in _usage_error(base + ["--mesh", str(tmp_path / "nope.obj")], capsys)
-    assert "shuffle_bg_end" in _usage_error(base + ["--mesh", TORUS, "--shuffle_bg_end", "2"], capsys)
+    assert "mesh file not found" in usage_error(base + ["--mesh", str(tmp_path / "nope.obj")], capsys)
+    assert "shuffle_bg_end" in usage_error(base + ["--mesh", TORUS, "--shuffle_bg_end", "2"], capsys)
