@@ -6,6 +6,7 @@ from the local cache gives one clear line on how to get it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -17,6 +18,18 @@ from common.models.presets import PRESETS, get_preset, is_tiny
 from common.models.tiny import build_tiny
 
 FAMILIES = ("sd", "sdxl", "flux", "if", "if-sr")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def resolve_spec(spec: str) -> str:
@@ -73,10 +86,9 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
         if PRESETS[spec].family == "controlnet":
             raise UsageError(f"'{spec}' is a ControlNet, not a pipeline: load it with load_controlnet")
         pipe = build_tiny(spec)
-        if pipeline_cls is not None and not isinstance(pipe, pipeline_cls):
-            pipe = pipeline_cls.from_pipe(pipe, **kwargs)
-        elif kwargs:
-            pipe = type(pipe).from_pipe(pipe, **kwargs)
+        if kwargs or (pipeline_cls is not None and not isinstance(pipe, pipeline_cls)):
+            with _quiet_diffusers():  # from_pipe re-casts to the same dtype and warns about it
+                pipe = (pipeline_cls or type(pipe)).from_pipe(pipe, **kwargs)
         if torch_dtype is not None and torch_dtype != pipe.dtype:
             pipe = pipe.to(dtype=torch_dtype)
     else:
