@@ -131,7 +131,7 @@ class CustomDiffusionMethod(TrainingMethod):
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, accelerator) -> None:
         args = self.args
-        self.device = accelerator.device
+        self.device, self.accelerator = accelerator.device, accelerator
         pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
         self.family = pipeline_family(pipe)
         if self.family not in ("sd", "sdxl"):
@@ -253,9 +253,11 @@ class CustomDiffusionMethod(TrainingMethod):
         if not self.args.validation_prompt:
             return []
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        return generate(self.pipe, [self.args.validation_prompt] * self.args.num_validation_images,
-                        num_inference_steps=25, guidance_scale=6.0, eta=1.0, generator=generator,
-                        height=self.args.resolution, width=self.args.resolution, output_type="pil", progress=False)
+        with self.accelerator.autocast():  # fp16/bf16 UNet with fp32 trained weights and text features
+            return generate(self.pipe, [self.args.validation_prompt] * self.args.num_validation_images,
+                            num_inference_steps=25, guidance_scale=6.0, eta=1.0, generator=generator,
+                            height=self.args.resolution, width=self.args.resolution, output_type="pil",
+                            progress=False)
 
 
 def main(argv: Sequence[str] | None = None) -> Trainer:

@@ -325,3 +325,16 @@ def test_paper_configs_parse_into_the_trainer_flags(config):
     args = parse_args(build_parser(), ["--config", str(config), "--instance_data_dir", "x",
                                        "--instance_prompt", "photo of a <new1> cat"])
     assert args.lr_warmup_steps == 0 and args.max_train_steps in (250, 500, 750) and args.scale_lr
+
+
+def test_bf16_mixed_precision_trains_and_validates(demo, tmp_path):
+    """Frozen UNet/VAE in bf16, trained K/V and token rows in fp32; validation images under autocast."""
+    out = tmp_path / "out"
+    trainer = main(_flags(demo, out, "--max_train_steps", "2", "--checkpointing_steps", "0", "--mixed_precision",
+                          "bf16", "--validation_prompt", "a <new1> toy", "--validation_steps", "2",
+                          "--num_validation_images", "1"))
+    m = trainer.method
+    assert m.pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for group in trainer.optimizer.param_groups for p in group["params"])
+    assert [p.name for p in (out / "validation").iterdir()] == ["step-000002_0.png"]
+    assert all(torch.isfinite(v).all() for v in m.state_to_save().values())
