@@ -93,7 +93,7 @@ def test_bad_inputs_are_usage_errors(bench, tmp_path):
         main_customdiffusion(_args(bench, samples, tmp_path))
     with pytest.raises(UsageError, match="no generated images for furniture_chair1"):
         main_customdiffusion(_args(bench, samples, tmp_path, "--concepts", "furniture_chair1"))
-    with pytest.raises(UsageError, match="comes with the customdiffusion sampler issue"):
+    with pytest.raises(UsageError, match="comes with the customdiffusion sampler"):
         main_customdiffusion(_args(bench, samples, tmp_path, "--generate"))
     with pytest.raises(UsageError, match="no concept folders"):
         main_mipadapter(_args(bench, samples, tmp_path))
@@ -108,3 +108,21 @@ def test_scripts_answer_help_and_one_line_errors(script, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--sample_root", str(tmp_path),
                           "--benchmark_root", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "dataset" in bad.stderr
+
+
+def test_dreambench_runner_drops_the_token_for_clip_t(tmp_path):
+    from common.eval.runners import main_dreambench
+    from eval_fixtures import write_dreambench
+
+    bench = write_dreambench(tmp_path / "db")
+    samples = tmp_path / "samples"
+    prompts = ["a sks dog in the jungle", "a sks dog swimming"]
+    paths = write_samples(samples / "dog", prompts, per_prompt=1)
+    res = main_dreambench(_args(bench, samples, tmp_path))
+    assert list(res["per_task"]) == ["dog"] and res["n_images"] == 2
+    clip = tiny.tiny_clip()
+    img = clip.encode_images(paths)
+    txt = clip.encode_texts(["a dog in the jungle", "a dog swimming"])
+    expected = (2.5 * paired_cosine(img, txt).clamp(min=0)).mean().item()
+    assert res["mean"]["clip_t"] == pytest.approx(expected, abs=1e-5)
+    assert "DreamBench" in (samples / "eval" / "summary.md").read_text()

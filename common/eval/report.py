@@ -78,7 +78,7 @@ def summary_markdown(
     cols = [*PAPER_COLUMNS, *extra]
     lines = [f"## {title}", "", "| Method | " + " | ".join(COLUMN_TITLES[c] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for name, *vals in PAPER_TABLES[table]:
+    for name, *vals in PAPER_TABLES.get(table, []):
         cells = [f"{v:.4f}" for v in vals] + [""] * len(extra)
         lines.append(f"| {name} (paper) | " + " | ".join(cells) + " |")
     lines.append(f"| **{ours_label} (ours)** | " + " | ".join(f"**{ours[c]:.4f}**" if c in ours else "–" for c in cols) + " |")

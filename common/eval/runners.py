@@ -17,7 +17,7 @@ from common.cli import ArgumentParser, parse_args, torch_dtype_from_name
 from common.data import list_images
 from common.errors import UsageError
 from common.eval.cache import DEFAULT_CACHE, FeatureCache
-from common.eval.datasets import Benchmark, Task, load_customconcept101, strip_tokens
+from common.eval.datasets import DREAMBENCH_TOKEN, Benchmark, Task, load_customconcept101, load_dreambench, strip_tokens
 from common.eval.report import COLUMN_TITLES, save_contact_sheet, summary_markdown, write_csv
 from common.eval.scoring import PROMPTS_FILE, Backbones, TaskScores, mean_over_tasks, read_generated, score_task
 from common.io import atomic_write_json, atomic_write_text
@@ -173,8 +173,8 @@ def evaluate(
 
 def _no_generate(args: argparse.Namespace, method: str) -> None:
     if args.generate:
-        raise UsageError(f"--generate comes with the {method} sampler issue; generate the images with "
-                         f"scripts/sample_{method}.py first, then run this script without --generate")
+        raise UsageError(f"--generate comes with the {method} sampler; generate the images first, then run "
+                         "this script without --generate")
 
 
 #: A method's sampler for `--generate`: (args, benchmark) -> None, writing <sample_root>/<task>/ + prompts.json.
@@ -243,6 +243,22 @@ def main_mipadapter(argv: Sequence[str] | None = None) -> dict:
         notes=["CLIP-T text = the prompts.json entry as saved (MIP-Adapter stores the prompt with a final '.')",
                "CLIP-I / DINO averaged 0.5/0.5 over the two concepts' uncropped references"],
     )
+
+
+def main_dreambench(argv: Sequence[str] | None = None) -> dict:
+    """DreamBench (30 subjects x 25 prompts): CLIP-T with the subject token dropped ("a sks dog" -> "a dog"),
+    CLIP-I and DINO against the subject's reference images (add dinov2 for DINOv2), per subject then averaged.
+    Sample layout: <sample_root>/<subject>/ with prompts.json."""
+    p = _parser("eval_dreambench.py", main_dreambench.__doc__.split("\n\n")[0])
+    p.add_argument("--token", default=DREAMBENCH_TOKEN, help="the subject token used in the prompts")
+    args = parse_args(p, argv)
+    _no_generate(args, "dreambench")
+    bench = load_dreambench(args.benchmark_root, token=args.token)
+    drop = lambda prompt: " ".join(w for w in prompt.split() if w != args.token)
+    return evaluate(args, bench, table="dreambench", title="DreamBench", label="ours", clip_text=drop,
+                    notes=[f"CLIP-T = 2.5 * max(cos, 0) on the prompt without the token {args.token!r}",
+                           "CLIP-I / DINO: mean of the generated x reference cosine matrix per subject",
+                           "paper rows: not filled in (numbers not retrieved); compare against your baselines"])
 
 
 def kid_main(argv: Sequence[str] | None = None) -> dict:
