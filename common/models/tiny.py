@@ -23,7 +23,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import PreTrainedModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from common.models.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
@@ -160,8 +160,22 @@ def build_tiny(name: str, seed: int = TINY_SEED):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         built = BUILDERS[name]()
-    modules = built.components.values() if hasattr(built, "components") else [built]
-    for m in modules:
-        if isinstance(m, torch.nn.Module):
+        modules = [m for m in (built.components.values() if hasattr(built, "components") else [built])
+                   if isinstance(m, torch.nn.Module)]
+        for m in modules:
             m.eval()  # as from_pretrained leaves them: no dropout (the tiny T5 has some)
+            if isinstance(m, PreTrainedModel):
+                _randomize_layer_norms(m)
     return built
+
+
+def _randomize_layer_norms(model: torch.nn.Module) -> None:
+    """Text encoders' LayerNorms get random affine parameters, as trained ones have: with the init values
+    (weight 1, bias 0) every CLIP feature row is zero-mean, a degeneracy real models do not have (it makes
+    Custom Diffusion's merge system singular, for one)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
+                mod.weight.copy_(1 + 0.3 * torch.randn_like(mod.weight))
+                if mod.bias is not None:
+                    mod.bias.copy_(0.3 * torch.randn_like(mod.bias))

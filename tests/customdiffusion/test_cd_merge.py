@@ -77,10 +77,15 @@ def _trained_like(pipe):
 
 
 def test_degenerate_features_refused(tiny, concept):
-    """The untouched tiny text encoder's features span only d-1 dimensions: a clear error, not garbage."""
+    """With LayerNorms at init the features span only d-1 dimensions: a clear error, not garbage."""
     from customdiffusion.merge import DEFAULT_CAPTIONS, read_captions
 
     base = tiny()
+    with torch.no_grad():  # LayerNorms at their init values: every feature row is zero-mean
+        for mod in base.text_encoder.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
     with pytest.raises(UsageError, match="rank 31 < 32"):
         merge_concepts(base, [concept(base)], ["cat"], read_captions(DEFAULT_CAPTIONS))
 
