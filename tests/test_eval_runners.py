@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.errors import UsageError
 from common.eval import tiny

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from st_helpers import usage_error
 from synctweedies.depth import write_dpt

@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from st_helpers import usage_error
 from common.render.cameras import mesh_camera_poses
-from common.render.mesh import box_mesh, load_mesh, normalize_mesh
+from common.render.mesh import box_mesh, load_mesh
 from synctweedies.apps.mesh import cameras_for
 from synctweedies.main import main
 from synctweedies.mesh import MeshProjection, view_direction, view_graph, view_prompts
