@@ -148,6 +148,10 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     if action.nargs in (None, "?") and not isinstance(action, argparse._AppendAction):
         return _convert_scalar(action, key, value, path)
     items = value if isinstance(value, list) else [value]
+    if isinstance(action, argparse._AppendAction) and action.nargs not in (None, "?"):
+        # each occurrence of the flag stores a list: the config gives a list of groups (or one flat group)
+        groups = items if all(isinstance(g, list) for g in items) else [items]
+        return [[_convert_scalar(action, key, x, path) for x in g] for g in groups]
     if isinstance(action.nargs, int) and len(items) != action.nargs:
         raise UsageError(f"config {path}: {key} takes {action.nargs} values, got {len(items)}")
     return [_convert_scalar(action, key, item, path) for item in items]
@@ -193,7 +197,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         path = getattr(first, config_action.dest)
         values = _config_values(parser, path, config_action) if path else {}
         # Pre-set attributes keep argparse from applying defaults; flags on the command line still overwrite.
-        args = parser.parse_args(argv, namespace=argparse.Namespace(**values))
+        # Append flags would add to a pre-set list, so theirs are applied only when the command line has none.
+        appends = {a.dest: a for a in parser._actions if isinstance(a, argparse._AppendAction)}
+        preset = {k: v for k, v in values.items() if k not in appends}
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**preset))
+        for dest in appends.keys() & values.keys():
+            if getattr(first, dest) == appends[dest].default:
+                setattr(args, dest, values[dest])
     finally:
         for action in relaxed:
             action.required = True
@@ -243,7 +253,7 @@ def add_sampling_args(
     parser: argparse.ArgumentParser,
     *,
     steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = 7.5,
     height: int | None = None,
     width: int | None = None,
 ) -> argparse._ArgumentGroup:
@@ -254,7 +264,8 @@ def add_sampling_args(
     group.add_argument("--num_inference_steps", type=int, default=steps, help="denoising steps (default: %(default)s)")
     group.add_argument(
         "--guidance_scale", type=float, default=guidance_scale,
-        help="classifier-free guidance scale (default: %(default)s)",
+        help="classifier-free guidance scale; None = the pipeline's own default (SD 7.5, SDXL 5.0, FLUX 3.5, "
+        "IF 7.0) (default: %(default)s)",
     )
     group.add_argument(
         "--height", type=int, default=height, help="image height in pixels; None = model default (default: %(default)s)"

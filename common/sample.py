@@ -17,7 +17,7 @@ from common.pipelines.text2image import generate
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Text-to-image with the shared sampling loop (SD, SDXL, FLUX, IF stage I).")
     add_model_args(parser, default="tiny-sd")
-    add_sampling_args(parser, steps=30, guidance_scale=7.5)
+    add_sampling_args(parser, steps=30, guidance_scale=None)  # None: the pipeline's own default
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt")
     parser.add_argument("--output", default="outputs/sample.png",
                         help="PNG to write; with --num_images > 1, _<i> is added before the extension")

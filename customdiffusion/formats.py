@@ -148,6 +148,11 @@ def save_diffusers(weights: CustomDiffusionWeights, folder: str | Path, safe_ser
         raise UsageError(f"the diffusers layout is a folder; pass a folder, not the file name {folder.name}")
     ext = ".safetensors" if safe_serialization else ".bin"
     state = {param_to_proc_key(k): v for k, v in weights.unet.items()}
+    if not safe_serialization:  # diffusers' .bin loader needs every attention layer: attn1 ones as {} entries
+        for key in list(state):
+            layer = key.split(".processor.")[0]
+            if layer.endswith(".attn2"):
+                state.setdefault(layer[: -len("attn2")] + "attn1.processor", {})
     out = folder / f"{PROCS_NAME}{ext}"
     save_weights(state, out, metadata={"format": "pt"} if safe_serialization else None)
     for token, vectors in weights.tokens.items():

@@ -25,7 +25,7 @@ from common.cli import ArgumentParser, parse_args
 from common.errors import UsageError
 from common.models.loading import load_pipeline, pipeline_family
 from common.models.tokens import add_tokens_to_pipeline, mask_embedding_grad, split_plus, text_pairs
-from common.pipelines.class_images import ensure_class_images
+from common.pipelines.class_images import count_images, ensure_class_images
 from common.pipelines.latents import encode_images
 from common.pipelines.prompts import encode_tokens, tokenize
 from common.pipelines.text2image import generate
@@ -149,9 +149,11 @@ class CustomDiffusionMethod(TrainingMethod):
         attention.install(pipe.unet, args.freeze_model)
         dtype = compute_dtype(accelerator)
         _place(pipe.vae, self.device, dtype)
+        trained = {k: p.detach().clone() for k, p in attention.trainable_parameters(pipe.unet).items()}
         _place(pipe.unet, self.device, dtype)
         for proc in attention.custom_processors(pipe.unet).values():
-            proc.to(dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
+            proc.to(dtype=torch.float32)  # trainable weights stay fp32 under mixed precision ...
+        attention.set_state(pipe.unet, trained)  # ... and exact: undo the round trip through `dtype`
         self.text_encoders = []
         for i, (_, enc) in enumerate(text_pairs(pipe)):
             train_tokens = bool(self.tokens)
@@ -170,23 +172,29 @@ class CustomDiffusionMethod(TrainingMethod):
         return "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
 
     def generate_class_images(self, accelerator) -> None:
-        """Fill each concept's class folder with the base model (before any weight is touched)."""
+        """Fill each concept's class folder with the base model, before any weight is touched.
+
+        Generation in fp16/bf16 uses a separate copy of the base model: casting the training pipeline down and
+        back would round its weights (and so the K/V copies the processors start from).
+        """
         args = self.args
         if not args.with_prior_preservation or args.real_prior:
             return
-        if accelerator.is_main_process:
+        missing = [c for c in self.concepts if count_images(c.class_data_dir) < args.num_class_images]
+        if accelerator.is_main_process and missing:
             precision = args.prior_generation_precision or accelerator.mixed_precision
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-            for module in self.pipe.components.values():
-                if isinstance(module, torch.nn.Module):
-                    _place(module, self.device, dtype)
-            for i, c in enumerate(self.concepts):
-                ensure_class_images(self.pipe, c.class_prompt, c.class_data_dir, args.num_class_images,
-                                    batch_size=args.sample_batch_size, seed=args.seed + i,
+            gen_pipe = self.pipe
+            if dtype != torch.float32:
+                gen_pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                                         variant=args.variant, torch_dtype=dtype)
+                gen_pipe.set_progress_bar_config(disable=True)
+            gen_pipe.to(self.device)
+            for c in missing:
+                ensure_class_images(gen_pipe, c.class_prompt, c.class_data_dir, args.num_class_images,
+                                    batch_size=args.sample_batch_size, seed=args.seed + self.concepts.index(c),
                                     height=args.resolution, width=args.resolution)
-            for module in self.pipe.components.values():
-                if isinstance(module, torch.nn.Module):
-                    _place(module, self.device, torch.float32)
+            del gen_pipe
         accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------- trainer hooks

@@ -142,3 +142,17 @@ def test_torch_dtype_from_name():
     assert cli.torch_dtype_from_name("no") is torch.float32
     with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
         cli.torch_dtype_from_name("fp8")
+
+
+def test_append_flags_from_config_keep_their_shape_and_the_command_line_replaces_them(tmp_path):
+    parser = cli.ArgumentParser()
+    parser.add_argument("--camera_azims", type=int, nargs="*", action="append")
+    parser.add_argument("--tag", action="append")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("camera_azims: [10, 20]\ntag: [a, b]\n")
+    args = cli.parse_args(parser, ["--config", str(cfg)])
+    assert args.camera_azims == [[10, 20]] and args.tag == ["a", "b"]
+    cfg.write_text("camera_azims: [[10, 20], [30]]\n")
+    assert cli.parse_args(parser, ["--config", str(cfg)]).camera_azims == [[10, 20], [30]]
+    args = cli.parse_args(parser, ["--config", str(cfg), "--camera_azims", "5"])
+    assert args.camera_azims == [[5]]

@@ -174,3 +174,65 @@ def test_partial_schedule_uses_the_right_sigmas_for_flow_matching(load_tiny):
     sigma = pipe.scheduler.sigmas[start]
     out = setup.denoiser(setup.x_T, setup.timesteps[start], 0)
     assert torch.allclose(rec.x0[0], setup.x_T - sigma * out, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_euler_hooks_see_the_schedulers_x0_and_identity_replacement_is_exact(load_tiny, kind):
+    """k-diffusion schedulers keep x0 + sigma eps: x0|t must be the scheduler's own pred_original_sample."""
+    pipe = load_tiny("tiny-sd")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type=kind)
+    setup = prepare(pipe, PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    rec = Recorder()
+    sample(setup.denoiser, pipe.scheduler, setup.x_T, setup.timesteps, hooks=(rec,), progress=False)
+    pipe.scheduler.set_timesteps(3)
+    x = setup.x_T
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        res = pipe.scheduler.step(setup.denoiser(x, t, i), t, x)
+        assert torch.allclose(res.pred_original_sample, rec.x0[i], atol=1e-4), i
+        x = res.prev_sample
+    plain = generate(pipe, PROMPT, generator=torch.Generator().manual_seed(2), num_inference_steps=3,
+                     output_type="np", progress=False)
+    hooked = generate(pipe, PROMPT, generator=torch.Generator().manual_seed(2), num_inference_steps=3,
+                      output_type="np", progress=False, hooks=(ReplaceX0(),))
+    assert np.abs(plain - hooked).max() <= 1e-5
+
+
+def test_sdxl_controlnet_guess_mode_equals_diffusers():
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from common.models.tiny import build_tiny
+    from common.pipelines.denoisers import ControlSpec
+
+    base = build_tiny("tiny-sdxl")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    pipe = StableDiffusionXLControlNetPipeline.from_pipe(base, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ref = pipe(PROMPT, image=hint, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+               guess_mode=True, output_type="np").images
+    ours = generate(pipe, PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                    control=ControlSpec(net, hint, guess_mode=True), output_type="np", progress=False)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_default_guidance_follows_the_pipeline(load_tiny):
+    from common.pipelines.text2image import default_guidance_scale
+
+    assert default_guidance_scale(load_tiny("tiny-flux")) == 3.5
+    assert default_guidance_scale(load_tiny("tiny-sdxl")) == 5.0
+    assert default_guidance_scale(load_tiny("tiny-sd")) == 7.5
+
+
+def test_fp16_vae_encodes_in_fp32_when_marked_force_upcast():
+    from common.models.tiny import build_tiny
+    from common.pipelines.latents import encode_images
+
+    vae = build_tiny("tiny-sd").vae.to(torch.float16)
+    assert vae.config.force_upcast
+    seen = []
+    handle = vae.encoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    latents = encode_images(vae, torch.rand(1, 3, 64, 64) * 2 - 1, sample=False)
+    handle.remove()
+    assert seen == [torch.float32] and vae.dtype == torch.float16 and latents.dtype == torch.float16

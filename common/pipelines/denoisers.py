@@ -97,15 +97,17 @@ class UNetDenoiser:
         c = self.control
         num_steps = self.num_steps or len(self.scheduler.timesteps)
         scale = c.scale_at(step, num_steps)
+        added = self.added_cond_kwargs
         if c.guess_mode and self.do_cfg:  # ControlNet sees the conditional half only
             ctrl_in, hidden = model_in.chunk(2)[1], self.encoder_hidden_states.chunk(2)[1]
             image = c.image
+            added = None if added is None else {k: v.chunk(2)[1] for k, v in added.items()}
         else:
             ctrl_in, hidden = model_in, self.encoder_hidden_states
             image = self._batch(c.image)
         down, mid = c.controlnet(ctrl_in, t, encoder_hidden_states=hidden, controlnet_cond=image,
-                                 conditioning_scale=scale, guess_mode=c.guess_mode,
-                                 added_cond_kwargs=self.added_cond_kwargs, return_dict=False)
+                                 conditioning_scale=scale, guess_mode=c.guess_mode, added_cond_kwargs=added,
+                                 return_dict=False)
         if c.guess_mode and self.do_cfg:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])

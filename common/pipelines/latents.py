@@ -12,9 +12,17 @@ def _mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     return (torch.tensor(cfg.latents_mean).view(shape).to(like), torch.tensor(cfg.latents_std).view(shape).to(like))
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (fp16 VAEs that need it are upcast)."""
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+def _needs_upcast(vae) -> bool:
+    return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def decode_latents(vae, latents: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1].
+
+    `upcast`: run an fp16 VAE marked `force_upcast` in fp32 (the SDXL VAE overflows in fp16). diffusers' SD
+    pipelines decode in fp16 regardless; pass upcast=False to match them exactly.
+    """
+    upcast = upcast and _needs_upcast(vae)
     if upcast:
         vae.to(torch.float32)
     stats = _mean_std(vae, latents)
@@ -33,9 +41,21 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None,
                   sample: bool = True) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/8, W/8] (a posterior sample, or its mode)."""
-    dist = vae.encode(images.to(vae.dtype)).latent_dist
-    latents = dist.sample(generator) if sample else dist.mode()
+    """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/8, W/8] (a posterior sample, or its mode).
+
+    An fp16 VAE marked `force_upcast` (SDXL's) encodes in fp32, as diffusers' SDXL pipelines do; the latents
+    come back in the VAE's dtype.
+    """
+    upcast = _needs_upcast(vae)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        dist = vae.encode(images.to(vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    latents = latents.to(vae.dtype)
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         latents = latents - shift

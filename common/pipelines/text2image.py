@@ -46,6 +46,14 @@ def default_size(pipe) -> tuple[int, int]:
     return size, size
 
 
+def default_guidance_scale(pipe) -> float:
+    """The guidance scale diffusers' pipeline class uses by default (its __call__ signature)."""
+    import inspect
+
+    param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    return float(param.default) if param is not None and param.default is not inspect.Parameter.empty else 7.5
+
+
 def _flux_timesteps(pipe, num_steps: int, seq_len: int, device) -> torch.Tensor:
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
@@ -57,7 +65,7 @@ def _flux_timesteps(pipe, num_steps: int, seq_len: int, device) -> torch.Tensor:
 
 
 def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-            num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+            num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
             width: int | None = None, generator: torch.Generator | None = None, eta: float = 0.0,
             num_images_per_prompt: int = 1, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
             control: ControlSpec | None = None, cross_attention_kwargs: dict[str, Any] | None = None,
@@ -66,9 +74,12 @@ def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | No
     """Encode prompts, draw x_T exactly as diffusers does, build the denoiser and the timesteps.
 
     IF stage II (`if-sr`) also takes the stage-I `image` [B, 3, h, w] in [-1, 1], upscaled bilinearly and
-    noised to `noise_level` as diffusers does.
+    noised to `noise_level` as diffusers does. `guidance_scale=None` takes the pipeline's own default
+    (SD 7.5, SDXL 5.0, FLUX 3.5 distilled guidance, IF 7.0).
     """
     family = pipeline_family(pipe)
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(pipe)
     device = pipe._execution_device
     dh, dw = default_size(pipe)
     height, width = height or dh, width or dw
@@ -137,7 +148,7 @@ def decode(pipe, setup: SamplingSetup, x0: torch.Tensor) -> torch.Tensor:
         return x0
     if setup.family == "flux":
         x0 = pipe._unpack_latents(x0, setup.height, setup.width, pipe.vae_scale_factor)
-    return decode_latents(pipe.vae, x0)
+    return decode_latents(pipe.vae, x0, upcast=setup.family == "sdxl")  # as diffusers' pipelines do
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:

@@ -181,3 +181,19 @@ def test_save_attn_procs_interop(tiny, tmp_path):
         theirs.unet.load_attn_procs(tmp_path, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=theirs)
         assert (ours.unet(x, t, ctx).sample - want).abs().max() < 1e-6
         assert (theirs.unet(x, t, ctx).sample - want).abs().max() < 1e-6
+
+
+def test_our_bin_folder_loads_in_diffusers(tiny, concept, tmp_path):
+    """The upstream .bin layout carries {} entries for attn1, which diffusers' loader needs to load it."""
+    from customdiffusion.apply import apply_customdiffusion
+    from customdiffusion.formats import save_diffusers
+
+    base = tiny()
+    weights = concept(base)
+    save_diffusers(weights, tmp_path, safe_serialization=False)
+    ours, theirs = tiny(), tiny()
+    apply_customdiffusion(ours, tmp_path)
+    theirs.unet.load_attn_procs(tmp_path, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=theirs)
+    x, t, ctx = _inputs(base.unet)
+    with torch.no_grad():
+        assert (ours.unet(x, t, ctx).sample - theirs.unet(x, t, ctx).sample).abs().max() < 1e-5

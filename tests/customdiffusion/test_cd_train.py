@@ -337,3 +337,18 @@ def test_bf16_mixed_precision_trains_and_validates(demo, tmp_path):
     assert all(p.dtype == torch.float32 for group in trainer.optimizer.param_groups for p in group["params"])
     assert [p.name for p in (out / "validation").iterdir()] == ["step-000002_0.png"]
     assert all(torch.isfinite(v).all() for v in m.state_to_save().values())
+
+
+def test_prior_generation_in_low_precision_leaves_training_weights_untouched(demo, tmp_path):
+    """Class images made in bf16 come from a separate copy: with lr 0 the saved K/V equal the base weights."""
+    from common.io import load_weights
+
+    out = tmp_path / "out"
+    flags = _flags(demo, out, "--max_train_steps", "1", "--checkpointing_steps", "0", "--mixed_precision", "bf16",
+                   "--with_prior_preservation", "--class_prompt", "toy", "--class_data_dir", str(tmp_path / "cls"),
+                   "--num_class_images", "1", "--learning_rate", "0")
+    main(flags)
+    assert len(list((tmp_path / "cls").iterdir())) == 1
+    base = build_tiny("tiny-sd").unet.state_dict()
+    for key, value in load_weights(out / "pytorch_custom_diffusion_weights.safetensors").items():
+        assert torch.equal(value, base[key.replace(".processor.", ".").replace("_custom_diffusion", "")]), key
