@@ -10,6 +10,7 @@ import torch
 from common.errors import UsageError
 from common.io import atomic_save_image
 from common.models.adapters import apply_adapters
+from synctweedies.runtime import use_ddim_schedule
 from common.models.loading import load_controlnet, load_pipeline, pipeline_family
 from common.models.presets import is_tiny
 from common.pipelines.denoisers import ControlSpec
@@ -42,6 +43,7 @@ def load_control_pipeline(args: argparse.Namespace, device, dtype):
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"--app {args.app} needs a Stable Diffusion 1.x/2.x model, got {spec}")
     apply_adapters(pipe, args.adapters)
+    use_ddim_schedule(pipe)
     return pipe, controlnet
 
 

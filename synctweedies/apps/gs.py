@@ -48,7 +48,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--plyfile is required: the pretrained 3DGS point cloud (.ply)")
     if not args.source_path:
         raise UsageError("--source_path is required: the dataset folder with the cameras")
-    get_case(args.case_num)
+    if get_case(args.case_num).canonical and args.canonical_domain == "rgb":
+        raise UsageError(f"--case_num {args.case_num} denoises the canonical colours, which only works with "
+                         "--canonical_domain latent (rgb colours are no Gaussian noise); or use an instance case 0-3")
 
 
 def load_cameras(args: argparse.Namespace):

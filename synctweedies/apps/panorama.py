@@ -32,7 +32,7 @@ from synctweedies.decoded import DecodedProjection
 from synctweedies.depth import control_disparity
 from synctweedies.outputs import make_save_dir, save_images, sheet
 from synctweedies.panorama import PanoramaProjection, view_angles
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything, use_ddim_schedule
 from synctweedies.sampler import SyncOptions
 
 
@@ -52,6 +52,7 @@ def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"panoramas need a Stable Diffusion 1.x/2.x model, got {spec}")
     apply_adapters(pipe, args.adapters)
+    use_ddim_schedule(pipe)
     return pipe, controlnet
 
 
@@ -125,8 +126,12 @@ def run(args: argparse.Namespace) -> dict:
     context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
                           max_batch=args.max_batch_size)
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
-    if args.sdedit:
-        options.initialize_xt_from_zt = False  # sdedit_start made the start state; do not redraw it from z_T
+    if args.average_rgb and args.initialize_xt_from_zt and not args.sdedit:
+        # the decoded projection's canonical is an RGB pano: draw the shared noise on the latent pano instead
+        noise = latent_proj.canonical_noise(x_T.shape[1], generator, x_T.device, x_T.dtype)
+        x_T = latent_proj.forward(noise, bg=x_T)
+    if args.sdedit or args.average_rgb:
+        options.initialize_xt_from_zt = False  # the start state is made above; do not redraw it from z_T
     result = sample_with_view_attention(pipe, setup, projection, options, context,
                                         ref_attention_end=args.ref_attention_end, timesteps=timesteps, x_T=x_T,
                                         z_T=z_T, generator=generator, progress=not args.no_progress)

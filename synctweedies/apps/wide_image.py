@@ -15,7 +15,7 @@ from common.pipelines.latents import decode_latents
 from common.pipelines.text2image import prepare, to_pil
 from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.outputs import make_save_dir
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything, use_ddim_schedule
 from synctweedies.sampler import SyncOptions
 from synctweedies.wide import WindowProjection
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"wide images need a Stable Diffusion (SD 1.x/2.x) model, got {spec}")
     apply_adapters(pipe, args.adapters)
+    use_ddim_schedule(pipe)
     factor = pipe.vae_scale_factor
     if args.rgb_instance_size != args.latent_instance_size * factor:
         raise UsageError(f"--rgb_instance_size ({args.rgb_instance_size}) must be --latent_instance_size "
