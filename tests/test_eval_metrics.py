@@ -150,3 +150,32 @@ def test_aesthetic_head_and_loading(tmp_path):
     loaded = load_aesthetic_head(str(tmp_path / "aes.pth"))
     assert isinstance(loaded, AestheticMLP)
     torch.testing.assert_close(aesthetic_from_features(loaded, feats), got)
+
+
+def test_cache_keys_tell_local_checkpoints_and_dtypes_apart(tmp_path):
+    import copy
+
+    from common.eval.extractor import weights_tag
+
+    a, b, a2 = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "copy_of_a.pth"
+    torch.save({"w": torch.zeros(3)}, a)
+    torch.save({"w": torch.ones(3)}, b)
+    a2.write_bytes(a.read_bytes())
+    assert weights_tag(a) != weights_tag(b) and weights_tag(a) == weights_tag(a2)
+    ext = tiny.tiny_clip()
+    half = copy.copy(ext)
+    half.dtype = torch.float16
+    assert ext.key != half.key
+
+
+def test_cleanfid_resize_is_float_per_channel_without_rounding():
+    from common.eval.kid import CLEANFID_PREPROCESS
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8))
+    x = CLEANFID_PREPROCESS(img)
+    assert x.shape == (3, 299, 299)
+    ref = np.asarray(Image.fromarray(np.asarray(img, np.float32)[..., 1], mode="F").resize((299, 299),
+                                                                                             Image.BICUBIC))
+    assert np.allclose(x[1].numpy(), ref)
+    assert not torch.equal(x, x.round())  # no quantisation after the resize

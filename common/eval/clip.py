@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from common.eval.extractor import CLIP_224, FeatureExtractor, ImageLike, Preprocess, existing_path, offline_error
+from common.eval.extractor import (
+    CLIP_224, FeatureExtractor, ImageLike, Preprocess, existing_path, offline_error, weights_tag,
+)
 from common.eval.similarity import paired_cosine, pairwise_mean
 
 CLIPSCORE_W = 2.5
@@ -47,7 +49,8 @@ def load_clip(
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_224.mean)
     std = tuple(getattr(model.visual, "image_std", None) or CLIP_224.std)
-    tag = "file" if existing_path(pretrained) else pretrained
+    local = existing_path(pretrained)
+    tag = weights_tag(local) if local else pretrained
     return clip_extractor(model, tokenizer, f"open_clip:{model_name}/{tag}", Preprocess(size, size, mean, std),
                           device=device, dtype=dtype, batch_size=batch_size)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.eval.extractor import DINO_256_224, FeatureExtractor, existing_path, offline_error
+from common.eval.extractor import DINO_256_224, FeatureExtractor, existing_path, offline_error, weights_tag
 from common.eval.similarity import pairwise_mean
 
 TIMM_DINO = "vit_small_patch16_224.dino"
@@ -48,7 +48,7 @@ def load_dino(
         )
         raise offline_error("DINO ViT-S/16", how, e) from None
     model = model.to(device=device, dtype=dtype).eval()
-    name = f"dino_vits16:{'file' if local else 'pretrained'}"
+    name = f"dino_vits16:{weights_tag(local) if local else 'pretrained'}"
     return FeatureExtractor(name, DINO_256_224, model, device=device, dtype=dtype, batch_size=batch_size, module=model)
 
 
@@ -71,7 +71,9 @@ def load_dinov2(
     except Exception as e:  # noqa: BLE001
         how = f"huggingface-cli download {spec} (or pass a local folder saved with save_pretrained)"
         raise offline_error(f"DINOv2 {spec}", how, e) from None
-    return dinov2_extractor(model, f"dinov2:{spec}", pooling, device=device, dtype=dtype, batch_size=batch_size)
+    local = existing_path(spec)
+    name = f"dinov2:{weights_tag(local) if local else spec}"
+    return dinov2_extractor(model, name, pooling, device=device, dtype=dtype, batch_size=batch_size)
 
 
 def dinov2_extractor(

@@ -42,12 +42,14 @@ class Preprocess:
     std: tuple[float, float, float] | None
     interpolation: str = "bicubic"
     scale: float = 1.0
+    float_resize: bool = False  # clean-fid's "clean" resize: per channel in float, no rounding or clipping
 
     @property
     def key(self) -> str:
         size = self.resize if isinstance(self.resize, int) else "x".join(map(str, self.resize))
         norm = "none" if self.mean is None else f"{self.mean}/{self.std}"
-        return f"resize={size}:{self.interpolation},crop={self.crop},scale={self.scale},norm={norm}"
+        exact = ",float" if self.float_resize else ""
+        return f"resize={size}:{self.interpolation}{exact},crop={self.crop},scale={self.scale},norm={norm}"
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -57,6 +59,8 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Returns [3, H, W] float32."""
+        if self.float_resize:
+            return self._float_resize(img)
         mode = TF.InterpolationMode(self.interpolation)
         size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
         img = TF.resize(img.convert("RGB"), size, interpolation=mode)
@@ -68,6 +72,19 @@ class Preprocess:
         if self.mean is not None:
             x = TF.normalize(x, list(self.mean), list(self.std))
         return x
+
+
+    def _float_resize(self, img: Image.Image) -> torch.Tensor:
+        """Each channel resized as a float ("F") image, values kept in [0, 255] x scale / 255 unclipped."""
+        import numpy as np
+
+        if self.crop is not None or self.mean is not None or isinstance(self.resize, int):
+            raise ValueError("float_resize supports an exact (H, W) resize only, without crop or normalisation")
+        h, w = self.resize
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        x = np.asarray(img.convert("RGB"), dtype=np.float32)
+        chans = [np.asarray(Image.fromarray(x[..., c], mode="F").resize((w, h), resample)) for c in range(3)]
+        return torch.from_numpy(np.stack(chans)) * (self.scale / 255.0)
 
 
 CLIP_224 = Preprocess(224, 224, CLIP_MEAN, CLIP_STD)  # OpenAI CLIP ViT-B/32 and ViT-L/14
@@ -109,8 +126,8 @@ class FeatureExtractor:
 
     @property
     def key(self) -> str:
-        """Backbone and preprocessing: two extractors with equal keys give equal features."""
-        return f"{self.name}|{self.preprocess.key}"
+        """Backbone, dtype and preprocessing: two extractors with equal keys give equal features."""
+        return f"{self.name}|{str(self.dtype).removeprefix('torch.')}|{self.preprocess.key}"
 
     @property
     def has_text(self) -> bool:
@@ -156,6 +173,19 @@ def offline_error(what: str, how: str, cause: BaseException) -> UsageError:
     """One line naming the missing backbone and how to fetch it, for a loader that failed offline."""
     reason = " ".join(str(cause).split())[:160] or type(cause).__name__
     return UsageError(f"backbone {what} is not available offline ({reason}); download it with: {how}")
+
+
+def weights_tag(path: Path) -> str:
+    """Identity of local weights for cache keys: a content hash of the file (or of a folder's weight files),
+    so two different checkpoints never share cached features."""
+    import hashlib
+
+    from common.eval.cache import file_hash
+
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"))
+    digest = hashlib.sha256("".join(file_hash(p) for p in files).encode()).hexdigest()
+    return f"file:{digest[:16]}"
 
 
 def existing_path(spec: str) -> Path | None:

@@ -18,7 +18,7 @@ import torch
 
 from common.eval.extractor import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, Preprocess, existing_path, offline_error
 
-CLEANFID_PREPROCESS = Preprocess((299, 299), None, None, None, scale=255.0)
+CLEANFID_PREPROCESS = Preprocess((299, 299), None, None, None, scale=255.0, float_resize=True)
 TORCHVISION_PREPROCESS = Preprocess((299, 299), None, IMAGENET_MEAN, IMAGENET_STD)
 
 
