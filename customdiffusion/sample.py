@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler
 
 from common.cli import ArgumentParser, parse_args, torch_dtype_from_name
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_json
-from common.pipelines.text2image import generate
+from common.pipelines.text2image import generate, use_ddim
 from customdiffusion.apply import apply_customdiffusion
 
 __all__ = ["apply_customdiffusion", "read_prompts", "sample_images", "sample_to_folder", "main"]
@@ -39,12 +38,6 @@ def read_prompts(prompt: str | None = None, from_file: str | None = None) -> lis
     if Path(prompt).is_file():
         return read_prompts(from_file=prompt)
     return [prompt]
-
-
-def use_ddim(pipe: Any) -> None:
-    """The paper samples with DDIM (eta 1); swap the pipeline's scheduler for DDIM with the same config."""
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 
 
 def sample_images(pipe: Any, prompt: str, num_images: int, batch_size: int, generator: torch.Generator,

@@ -46,12 +46,3 @@ class ReferenceAttentionSchedule(Hook):
 
     def on_input(self, state: StepState) -> None:
         self.context.reference_enabled = float(state.t) >= (1 - self.end) * self.T
-
-
-def use_ddim_schedule(pipe) -> None:
-    """Real SD checkpoints ship PNDM, whose PLMS schedule repeats a timestep; the synchronised DDIM / DDPM
-    steps assume DDIM's evenly spaced ones (as the original uses), so any other scheduler is replaced."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    if not isinstance(pipe.scheduler, (DDIMScheduler, DDPMScheduler)):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -170,3 +170,13 @@ def generate(pipe, prompt: str | list[str], negative_prompt: str | list[str] | N
     if output_type == "np":
         return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return images
+
+
+def use_ddim(pipe, keep: tuple[type, ...] = ()) -> None:
+    """Swap the pipeline's scheduler for DDIM with the same config (e.g. the PNDM that SD checkpoints ship),
+    unless it is DDIM already or one of `keep`. Custom Diffusion samples with DDIM (eta 1); SyncTweedies'
+    synchronised steps assume DDIM's evenly spaced timesteps (PLMS repeats one)."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(pipe.scheduler, (DDIMScheduler, *keep)):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -23,7 +23,7 @@ from common.render.gaussians import load_ply, render_gaussians, rgb_to_sh_dc, sa
 from common.render.raster.maps import normalize_depth
 from synctweedies.apps.geometry_common import PreviewHook, color_latents, control_spec, load_control_pipeline
 from synctweedies.apps.view_sampling import sample_with_view_attention
-from synctweedies.apps.wide_image import decode_in_chunks, unet_multiple
+from synctweedies.apps.wide_image import decode_in_chunks
 from synctweedies.cases import get_case
 from synctweedies.gaussian import GaussianProjection, square_cameras
 from synctweedies.outputs import make_save_dir, save_images, sheet
@@ -73,13 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     gaussians = load_ply(args.plyfile).to(device)
     cams = load_cameras(args).to(device)
     n = len(cams)
-    pipe, controlnet = load_control_pipeline(args, device, dtype)
-    factor = pipe.vae_scale_factor
-    if args.rgb_view_size != args.latent_view_size * factor:
-        raise UsageError(f"--rgb_view_size ({args.rgb_view_size}) must be --latent_view_size "
-                         f"({args.latent_view_size}) x {factor}")
-    if args.latent_view_size % unet_multiple(pipe.unet):
-        raise UsageError(f"--latent_view_size must be a multiple of {unet_multiple(pipe.unet)}")
+    pipe, controlnet = load_control_pipeline(args, device, dtype)  # also checks the view sizes
     out = make_save_dir(args.save_top_dir, args.tag, args.save_dir_now)
     lat_cams, rgb_cams = square_cameras(cams, args.latent_view_size), square_cameras(cams, args.rgb_view_size)
     bg_name = args.background_color

@@ -26,7 +26,7 @@ from synctweedies.apps.geometry_common import (COLORS, PreviewHook, color_latent
                                                load_control_pipeline)
 from common.attention.reference import ViewContext
 from synctweedies.apps.view_sampling import sample_with_view_attention
-from synctweedies.apps.wide_image import decode_in_chunks, unet_multiple
+from synctweedies.apps.wide_image import decode_in_chunks
 from synctweedies.cases import get_case
 from synctweedies.mesh import MeshProjection, control_images, view_graph, view_prompts
 from synctweedies.outputs import make_save_dir, save_gif, save_images, sheet
@@ -115,13 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--sdedit edits an existing texture, but {args.mesh} has none (no map_Kd image)")
     poses = camera_poses(args)
     n = len(poses)
-    pipe, controlnet = load_control_pipeline(args, device, dtype)
-    factor = pipe.vae_scale_factor
-    if args.rgb_view_size != args.latent_view_size * factor:
-        raise UsageError(f"--rgb_view_size ({args.rgb_view_size}) must be --latent_view_size "
-                         f"({args.latent_view_size}) x {factor}")
-    if args.latent_view_size % unet_multiple(pipe.unet):
-        raise UsageError(f"--latent_view_size must be a multiple of {unet_multiple(pipe.unet)}")
+    pipe, controlnet = load_control_pipeline(args, device, dtype)  # also checks the view sizes
     out = make_save_dir(args.save_top_dir or "output", args.tag, args.save_dir_now)
     mode, voronoi = args.rasterize_mode, not args.disable_voronoi
     backend = args.raster_backend

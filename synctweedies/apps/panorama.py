@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from common.attention.reference import ViewContext
 from common.errors import UsageError
@@ -23,7 +24,7 @@ from common.models.loading import load_controlnet, load_pipeline, pipeline_famil
 from common.models.presets import is_tiny
 from common.pipelines.denoisers import ControlSpec
 from common.pipelines.latents import encode_images
-from common.pipelines.text2image import prepare, to_pil
+from common.pipelines.text2image import prepare, to_pil, use_ddim
 from common.render.panorama import sample_perspective
 from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.apps.wide_image import decode_in_chunks
@@ -32,7 +33,7 @@ from synctweedies.decoded import DecodedProjection
 from synctweedies.depth import control_disparity
 from synctweedies.outputs import make_save_dir, save_images, sheet
 from synctweedies.panorama import PanoramaProjection, view_angles
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything, use_ddim_schedule
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
 from synctweedies.sampler import SyncOptions
 
 
@@ -52,7 +53,7 @@ def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"panoramas need a Stable Diffusion 1.x/2.x model, got {spec}")
     apply_adapters(pipe, args.adapters)
-    use_ddim_schedule(pipe)
+    use_ddim(pipe, keep=(DDPMScheduler,))  # DDIM timesteps for the synchronised steps
     return pipe, controlnet
 
 

@@ -5,6 +5,7 @@ import argparse
 import json
 
 import torch
+from diffusers import DDPMScheduler
 
 from common.attention.reference import ViewContext
 from common.errors import UsageError
@@ -12,10 +13,10 @@ from common.io import atomic_save_image, atomic_write_text
 from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.latents import decode_latents
-from common.pipelines.text2image import prepare, to_pil
+from common.pipelines.text2image import prepare, to_pil, use_ddim
 from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.outputs import make_save_dir
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything, use_ddim_schedule
+from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
 from synctweedies.sampler import SyncOptions
 from synctweedies.wide import WindowProjection
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     if pipeline_family(pipe) != "sd":
         raise UsageError(f"wide images need a Stable Diffusion (SD 1.x/2.x) model, got {spec}")
     apply_adapters(pipe, args.adapters)
-    use_ddim_schedule(pipe)
+    use_ddim(pipe, keep=(DDPMScheduler,))  # DDIM timesteps for the synchronised steps
     factor = pipe.vae_scale_factor
     if args.rgb_instance_size != args.latent_instance_size * factor:
         raise UsageError(f"--rgb_instance_size ({args.rgb_instance_size}) must be --latent_instance_size "

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from diffusers import DDIMScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from common.cli import parse_args
 from common.errors import UsageError
 from common.models.tiny import build_tiny
+from common.pipelines.text2image import use_ddim
 from synctweedies.config import gs_parser
-from synctweedies.runtime import use_ddim_schedule
 
 
 def test_pndm_checkpoints_get_evenly_spaced_ddim_timesteps():
@@ -17,14 +16,14 @@ def test_pndm_checkpoints_get_evenly_spaced_ddim_timesteps():
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     pipe.scheduler.set_timesteps(30)
     assert len(pipe.scheduler.timesteps) != len(set(pipe.scheduler.timesteps.tolist()))  # PLMS repeats one
-    use_ddim_schedule(pipe)
+    use_ddim(pipe, keep=(DDPMScheduler,))
     assert isinstance(pipe.scheduler, DDIMScheduler)
     pipe.scheduler.set_timesteps(30)
     ts = pipe.scheduler.timesteps.tolist()
     assert len(ts) == len(set(ts)) == 30 and pipe.scheduler.config.steps_offset == 1
     ddpm = build_tiny("tiny-if")
     before = ddpm.scheduler
-    use_ddim_schedule(ddpm)
+    use_ddim(ddpm, keep=(DDPMScheduler,))
     assert ddpm.scheduler is before  # DDPM (IF) stays
 
 
@@ -44,10 +43,10 @@ def test_gs_canonical_cases_need_the_latent_domain(case, ok):
 
 def test_average_rgb_with_shared_initial_noise_runs_from_latent_noise(tmp_path, monkeypatch):
     """--average_rgb --initialize_xt_from_zt: X_T comes from latent-pano noise (not a VAE encoding of RGB noise)."""
+    from test_st_cli import PANO
+
     import synctweedies.apps.panorama as pano_app
     from synctweedies.main import main
-
-    from test_st_cli import PANO
 
     seen = {}
     real = pano_app.sample_with_view_attention
