@@ -17,5 +17,10 @@ setup(
     packages=find_packages(include=["common*", "customdiffusion*", "synctweedies*", "mipadapter*", "mudi*", "syncd*"]),
     install_requires=requirements,
     entry_points={"customization_suite.adapters": ["customdiffusion = customdiffusion.adapter:register"]},
-    extras_require={"triton": ["triton"], "bnb": ["bitsandbytes"]},
+    # Optional backends: each absent one gives a one-line error naming its extra.
+    extras_require={
+        "gsplat": ["gsplat"],
+        "pytorch3d": ["pytorch3d"],
+        "bnb": ["bitsandbytes"],
+    },
 )

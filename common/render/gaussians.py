@@ -231,6 +231,9 @@ def render_gaussians(g: Gaussians, cameras, features: torch.Tensor | None = None
     if backend == "auto":
         backend = "gsplat" if g.means.is_cuda and _gsplat_ok() else "torch"
     if backend == "gsplat":
+        if not _gsplat_ok():
+            raise UsageError("the gsplat backend needs gsplat and a CUDA device: pip install -e .[gsplat] "
+                             "(or use --backend torch)")
         col, alpha, depth = _render_gsplat(g, cameras, feats, eps2d, antialiased)
     elif backend == "torch":
         col, alpha, depth = _render_torch(g, cameras, feats, eps2d, antialiased, pixel_chunk)

@@ -23,7 +23,7 @@ def _adamw_class(use_8bit: bool) -> type[torch.optim.Optimizer]:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)") from None
+        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install -e .[bnb] (or drop the flag)") from None
     return bnb.optim.AdamW8bit
 
 

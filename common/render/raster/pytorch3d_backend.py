@@ -22,13 +22,13 @@ def available() -> bool:
 def rasterize_pytorch3d(verts_clip: torch.Tensor, faces: torch.Tensor, H: int, W: int, cull_backfaces: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """verts_clip [B, V, 4], faces [F, 3] -> (face_id [B,H,W], bary [B,H,W,3], depth [B,H,W])."""
-    from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
-    from pytorch3d.structures import Meshes
-
     from common.errors import UsageError
 
     if not available():
-        raise UsageError("the pytorch3d rasteriser backend needs pytorch3d installed")
+        raise UsageError("the pytorch3d rasteriser backend needs pytorch3d: pip install -e .[pytorch3d] "
+                         "(or choose --raster_backend torch / triton)")
+    from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
+    from pytorch3d.structures import Meshes
     B = verts_clip.shape[0]
     setup = setup_faces(verts_clip, faces, H, W, cull_backfaces)
     v = verts_clip.float()
