@@ -14,7 +14,9 @@ setup(
     version="0.1.0",
     description="SynCD, SyncTweedies, MIP-Adapter, MuDI and Custom Diffusion on one diffusers foundation",
     python_requires=">=3.10",
-    packages=find_packages(include=["common*", "customdiffusion*", "synctweedies*", "mipadapter*", "mudi*", "syncd*"]),
+    packages=find_packages(
+        include=["common*", "plainsample*", "customdiffusion*", "synctweedies*", "mipadapter*", "mudi*", "syncd*"]
+    ),
     install_requires=requirements,
     entry_points={"customization_suite.adapters": ["customdiffusion = customdiffusion.adapter:register"]},
     # Optional backends: each absent one gives a one-line error naming its extra.

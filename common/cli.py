@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -21,11 +23,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArgumentParser",
+    "ModelConfig",
+    "SamplingConfig",
     "UsageError",
     "add_model_args",
     "add_output_args",
     "add_sampling_args",
+    "nonnegative_int",
     "parse_args",
+    "positive_int",
     "run",
     "torch_dtype_from_name",
 ]
@@ -226,13 +232,53 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def positive_int(text: str) -> int:
+    """argparse `type` for counts that must be at least 1 (steps, batch sizes, images)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse `type` for counts where 0 means "off" (checkpointing every N steps, workers)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def _missing_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> list[str]:
+    """The option strings in `names` that `parser` does not define yet (a script's own flag wins)."""
+    taken = {o for a in parser._actions for o in a.option_strings}
+    return [n for n in names if n not in taken]
+
+
+#: The model flag's names: diffusers' examples first, then the originals' spellings.
+MODEL_FLAG_ALIASES = ("--model", "--ckpt", "--sd_path")
+#: The steps flag's names: diffusers' first, then the originals' spelling.
+STEPS_FLAG_ALIASES = ("--steps",)
+
+
 def add_model_args(
     parser: argparse.ArgumentParser, default: str | None = None, required: bool = False
 ) -> argparse._ArgumentGroup:
-    """Base-model flags: name or path (alias `--model`), revision, variant, dtype, device."""
+    """Base-model flags: name or path (aliases `--model --ckpt --sd_path`), revision, variant, dtype, device.
+
+    An alias the script already defines itself (e.g. Custom Diffusion's own `--ckpt`) is left to the script.
+    Read them into a `ModelConfig` with `ModelConfig.from_args(args)`.
+    """
     group = parser.add_argument_group("model")
+    names = _missing_options(parser, ("--pretrained_model_name_or_path", *MODEL_FLAG_ALIASES))
     group.add_argument(
-        "--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path", metavar="NAME_OR_PATH",
+        *names, dest="pretrained_model_name_or_path", metavar="NAME_OR_PATH",
         default=default, required=required,
         help="base model: a preset name (e.g. tiny-sd), a hub id or a local folder "
         + ("(required, here or in --config)" if required else "(default: %(default)s)"),
@@ -242,41 +288,159 @@ def add_model_args(
     group.add_argument(
         "--dtype", default="fp32", choices=DTYPE_CHOICES, help="dtype of the model weights (default: %(default)s)"
     )
-    group.add_argument("--device", default=_default_device(), help="torch device to run on (default: %(default)s)")
+    group.add_argument("--device", default=None,
+                       help="torch device to run on (default: cuda when available, else cpu)")
     group.add_argument("--adapters", nargs="*", default=[], metavar="PATH",
                        help="trained concepts to apply to the model, e.g. a Custom Diffusion output folder "
                             "(default: none)")
     return group
 
 
-def add_sampling_args(
-    parser: argparse.ArgumentParser,
-    *,
-    steps: int = 50,
-    guidance_scale: float | None = 7.5,
-    height: int | None = None,
-    width: int | None = None,
-) -> argparse._ArgumentGroup:
-    """Sampling flags: prompts, steps, guidance, size, seed, eta; defaults are the caller's paper settings."""
+_SAMPLING_DEFAULTS = {
+    "prompt": None, "negative_prompt": "", "num_inference_steps": 50, "guidance_scale": 7.5,
+    "height": None, "width": None, "seed": 0, "eta": 0.0,
+}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse._ArgumentGroup:
+    """Sampling flags: prompts, steps (alias `--steps`), guidance, size, seed, eta.
+
+    Keyword arguments are the caller's paper defaults, by flag name (`num_inference_steps=30`,
+    `guidance_scale=None` for the pipeline's own); `steps=` is accepted for `num_inference_steps`.
+    Read them into a `SamplingConfig` with `SamplingConfig.from_args(args)`.
+    """
+    if "steps" in defaults:
+        defaults.setdefault("num_inference_steps", defaults.pop("steps"))
+    unknown = sorted(set(defaults) - set(_SAMPLING_DEFAULTS))
+    if unknown:
+        raise TypeError(f"add_sampling_args got defaults for unknown flags: {', '.join(unknown)}")
+    d = {**_SAMPLING_DEFAULTS, **defaults}
     group = parser.add_argument_group("sampling")
-    group.add_argument("--prompt", default=None, help="text prompt (default: %(default)s)")
-    group.add_argument("--negative_prompt", default="", help="negative prompt for guidance (default: %(default)r)")
-    group.add_argument("--num_inference_steps", type=int, default=steps, help="denoising steps (default: %(default)s)")
+    group.add_argument("--prompt", default=d["prompt"], help="text prompt (default: %(default)s)")
+    group.add_argument("--negative_prompt", default=d["negative_prompt"],
+                       help="negative prompt for guidance (default: %(default)r)")
+    group.add_argument(*_missing_options(parser, ("--num_inference_steps", *STEPS_FLAG_ALIASES)),
+                       dest="num_inference_steps", type=positive_int, default=d["num_inference_steps"],
+                       help="denoising steps, at least 1 (default: %(default)s)")
     group.add_argument(
-        "--guidance_scale", type=float, default=guidance_scale,
+        "--guidance_scale", type=float, default=d["guidance_scale"],
         help="classifier-free guidance scale; None = the pipeline's own default (SD 7.5, SDXL 5.0, FLUX 3.5, "
         "IF 7.0) (default: %(default)s)",
     )
-    group.add_argument(
-        "--height", type=int, default=height, help="image height in pixels; None = model default (default: %(default)s)"
-    )
-    group.add_argument(
-        "--width", type=int, default=width, help="image width in pixels; None = model default (default: %(default)s)"
-    )
+    group.add_argument("--height", type=positive_int, default=d["height"],
+                       help="image height in pixels; None = model default (default: %(default)s)")
+    group.add_argument("--width", type=positive_int, default=d["width"],
+                       help="image width in pixels; None = model default (default: %(default)s)")
     if not any("--seed" in a.option_strings for a in parser._actions):  # training args may define it
-        group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic (default: %(default)s)")
+        group.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: %(default)s)")
+    group.add_argument("--eta", type=float, default=d["eta"],
+                       help="DDIM eta; 0 is deterministic (default: %(default)s)")
     return group
+
+
+# ---------------------------------------------------------------------------------------------- typed configs
+
+
+def _check_device(name: str) -> None:
+    """A device torch knows and this machine has (e.g. not --device cuda without a GPU)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how: what travels past the entry point instead of the Namespace."""
+
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    adapters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.pretrained_model_name_or_path or not str(self.pretrained_model_name_or_path).strip():
+            raise UsageError("no model: pass --pretrained_model_name_or_path (or --model) with a preset, hub id "
+                             "or folder")
+        if self.dtype.lower() not in _DTYPE_NAMES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+        _check_device(self.device)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> ModelConfig:
+        """Read the `add_model_args` flags (validated here, once)."""
+        return cls(
+            pretrained_model_name_or_path=ns.pretrained_model_name_or_path,
+            revision=getattr(ns, "revision", None),
+            variant=getattr(ns, "variant", None),
+            dtype=getattr(ns, "dtype", "fp32"),
+            device=getattr(ns, "device", None) or _default_device(),
+            adapters=tuple(getattr(ns, "adapters", None) or ()),
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype_from_name(self.dtype)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What one sampling run asks for, validated once: steps and counts >= 1, sizes positive multiples of
+    `factor` (the model's pixels per latent cell times its patch size; 8 until the model is known, then
+    `check_size(model_factor)`)."""
+
+    prompt: str | None = None
+    negative_prompt: str = ""
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    eta: float = 0.0
+    num_images: int = 1
+    factor: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise UsageError(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if not isinstance(self.num_images, int) or self.num_images < 1:
+            raise UsageError(f"--num_images must be at least 1, got {self.num_images}")
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            raise UsageError(f"--guidance_scale must be a finite number, got {self.guidance_scale}")
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise UsageError(f"--eta must be 0 or more, got {self.eta}")
+        self.check_size(self.factor)
+
+    def check_size(self, factor: int) -> None:
+        """Refuse a height/width that is not a positive multiple of `factor` (the model's spatial factor)."""
+        for flag in ("height", "width"):
+            value = getattr(self, flag)
+            if value is not None and (value <= 0 or value % factor):
+                raise UsageError(f"--{flag} must be a positive multiple of {factor} for this model, got {value}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, *, factor: int = 8) -> SamplingConfig:
+        """Read the `add_sampling_args` flags (and `--num_images` when the script has it), validated here."""
+        return cls(
+            prompt=getattr(ns, "prompt", None),
+            negative_prompt=getattr(ns, "negative_prompt", "") or "",
+            num_inference_steps=ns.num_inference_steps,
+            guidance_scale=getattr(ns, "guidance_scale", None),
+            height=getattr(ns, "height", None),
+            width=getattr(ns, "width", None),
+            seed=getattr(ns, "seed", 0) if getattr(ns, "seed", None) is not None else 0,
+            eta=getattr(ns, "eta", 0.0),
+            num_images=getattr(ns, "num_images", 1),
+            factor=factor,
+        )
 
 
 def add_output_args(parser: argparse.ArgumentParser, default: str) -> argparse._ArgumentGroup:

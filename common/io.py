@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import secrets
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +49,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     (PIL, safetensors) still work.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{final.suffix}")
     try:
         yield tmp
@@ -58,6 +59,47 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists (`.` at worst)."""
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _make_parent(final: Path) -> None:
+    """Create the folder of `final`; a file in the way or a read-only location is a one-line UsageError."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = _nearest_existing(final.parent)
+        raise UsageError(f"cannot write {final}: {blocker} is a file, not a folder; choose another path") from None
+    except PermissionError as e:
+        raise UsageError(f"cannot create the folder of {final}: {e.strerror}; choose a writable location") from None
+    except OSError as e:
+        raise UsageError(f"cannot create the folder of {final}: {e.strerror or e}; choose another location") from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse early (before minutes of work) an output that cannot be written: under a file, a folder in its
+    place, or a read-only / permission-less location. Probes with a real temp file, since permission bits
+    do not show a read-only mount; creates nothing that stays."""
+    final = Path(path)
+    if final.is_dir():
+        raise UsageError(f"cannot write {final}: it is a folder; name a file inside it")
+    anchor = _nearest_existing(final.parent)
+    if not anchor.is_dir():
+        raise UsageError(f"cannot write {final}: {anchor} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anchor, prefix=".write-probe-")
+    except OSError as e:
+        raise UsageError(
+            f"cannot write {final}: {anchor} is not writable ({e.strerror or e}); choose another location"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -154,8 +196,28 @@ def save_weights(
         torch.save(compact, tmp)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_REASON = 200
+
+
+def short_reason(error: object) -> str:
+    """The gist of a library error on one short line.
+
+    PyTorch's weights-only refusals are a paragraph of advice (re-run with weights_only=False, allowlist the
+    global, read the docs); only the sentence after "WeightsUnpickler error:" says what is wrong.
+    """
+    text = _ANSI.sub("", str(error))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = re.split(r"(?<=[a-z0-9)\]])\.\s|\n", text.strip(), maxsplit=1)[0]
+    else:
+        text = text.strip().split("\n", 1)[0]
+    text = " ".join(text.split()) or type(error).__name__
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
 def _corrupt(path: Path, reason: object) -> UsageError:
-    reason = " ".join(str(reason).split()) or type(reason).__name__
+    reason = short_reason(reason)
     return UsageError(f"{path} is corrupt or not a weights file: {reason}; re-download or re-save it")
 
 
@@ -175,7 +237,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     _check_readable(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # its multi-line note on pickle protocols adds nothing to a refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found is None:

@@ -16,6 +16,7 @@ from common.cli import ArgumentParser, parse_args
 from common.errors import UsageError
 from customdiffusion.attention import is_kv
 from customdiffusion.formats import CustomDiffusionWeights
+from customdiffusion.outputs import refuse_existing, same_path
 
 DEFAULT_RATIO = 0.6
 
@@ -75,6 +76,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compression_ratio", type=float, default=DEFAULT_RATIO,
                    help="fraction of the singular-value sum to keep")
     p.add_argument("--output", default=None, help="output file (default: input name with delta -> compressed_delta)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never the input itself)")
     return p
 
 
@@ -85,14 +87,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(build_parser(), argv)
     if not 0.0 < args.compression_ratio <= 1.0:
         raise UsageError(f"--compression_ratio must be in (0, 1], got {args.compression_ratio}")
-    pipe = load_pipeline(args.ckpt)
     src = Path(args.delta_ckpt)
+    if not src.exists():
+        raise UsageError(f"Custom Diffusion checkpoint not found: {src}; check the path")
+    out = Path(args.output) if args.output else compressed_path(src if src.is_file() else src / "delta.safetensors")
+    if same_path(out, src) or (src.is_dir() and out.parent.resolve() == src.resolve()
+                               and out.stem == formats.PROCS_NAME):
+        raise UsageError(f"--output {out} is the input itself; the lossy compressed delta would replace the full "
+                         "one -- write it elsewhere (default: compressed_<name>)")
+    refuse_existing(out, args.overwrite, "--output")
+    pipe = load_pipeline(args.ckpt)
     weights = formats.load(src, pipe.unet.config)
     small = compress(weights, dict(pipe.unet.named_parameters()), args.compression_ratio)
     fmt = formats.detect_format(src, None if src.is_dir() else formats.load_weights(src))
     if fmt == "diffusers":
         fmt = "delta"  # no compressed upstream layout: write the reference delta layout
-    out = Path(args.output) if args.output else compressed_path(src if src.is_file() else src / "delta.safetensors")
     formats.save(small, out, fmt, pipe.unet.config)
     print(f"wrote {out}")
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from common.cli import ArgumentParser, parse_args
 from common.errors import UsageError
 from customdiffusion import formats
+from customdiffusion.outputs import refuse_existing, same_path
 
 MODES = {"compvis-to-diffuser": "delta", "diffuser-to-compvis": "ldm"}
 
@@ -27,6 +28,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compression_ratio", type=float, default=0.6, help="singular-value mass kept by --compress")
     p.add_argument("--no_safe_serialization", action="store_true",
                    help="diffusers folder: write .bin files instead of .safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (a diffusers folder loses its old weights and token files)")
     return p
 
 
@@ -37,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise UsageError("give --to (diffusers, delta, ldm) or --mode")
     if args.mode and args.to and MODES[args.mode] != args.to:
         raise UsageError(f"--mode {args.mode} writes {MODES[args.mode]}, but --to says {args.to}; give one")
+    src, out = Path(args.delta_ckpt), Path(args.output)
+    if not src.exists():
+        raise UsageError(f"Custom Diffusion checkpoint not found: {src}; check the path")
+    if same_path(out, src):
+        raise UsageError(f"--output {out} is the input itself; write the converted concept elsewhere")
+    refuse_existing(out, args.overwrite, "--output")
     unet = None
     if args.ckpt:
         from common.models.loading import load_model
@@ -51,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         from customdiffusion.compress import compress
 
         weights = compress(weights, dict(unet.named_parameters()), args.compression_ratio)
-    out = formats.save(weights, args.output, to, config, safe_serialization=not args.no_safe_serialization)
+    if to == "diffusers" and args.overwrite:
+        formats.remove_diffusers_layout(out)  # no stale weights / token files of the old concept stay beside it
+    out = formats.save(weights, out, to, config, safe_serialization=not args.no_safe_serialization)
     print(f"wrote {out}")
     return out
 

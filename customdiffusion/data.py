@@ -1,7 +1,8 @@
 """Custom Diffusion's training data: concepts, the resize augmentation with its loss mask and prompt
 words, and the prior-preservation (class) images.
 
-Augmentation (paper §3 / spec §1.6), at training size S with a mask at S/8:
+Augmentation (paper §3 / spec §1.6), at training size S with a mask at S/f (f = the VAE's pixels per latent
+cell, 8 for SD; measured from the VAE by the trainer, never assumed):
 * with p = 0.66 draw r ~ U{S//3 .. S}, else r ~ U{floor(1.2 S) .. floor(1.4 S) - 1};
 * r < S: the image, resized to r x r, is pasted at a random place of a zero (mid-grey) S x S canvas; the mask
   is 1 on the pasted square shrunk by one latent cell per side; if r < 0.6 S the prompt gets
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from common.data import image_to_tensor, list_images, load_rgb
 from common.errors import UsageError
 
-LATENT_FACTOR = 8
+DEFAULT_LATENT_FACTOR = 8  # SD/SDXL VAEs; the trainer passes the factor of the VAE it loaded
 CONCEPT_FIELDS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
@@ -72,9 +73,10 @@ def draw_scale(size: int) -> int:
     return int(np.random.randint(int(1.2 * size), int(1.4 * size)))
 
 
-def place(pixels: torch.Tensor, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixels [3, scale, scale] in [-1, 1] -> (canvas [3, S, S], mask [1, S/8, S/8]) as in the module docstring."""
-    f = LATENT_FACTOR
+def place(pixels: torch.Tensor, size: int, scale: int, factor: int = DEFAULT_LATENT_FACTOR
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [3, scale, scale] in [-1, 1] -> (canvas [3, S, S], mask [1, S/f, S/f]) as in the module docstring."""
+    f = factor
     mask = torch.zeros(1, size // f, size // f)
     if scale == size:
         return pixels, mask + 1
@@ -88,15 +90,15 @@ def place(pixels: torch.Tensor, size: int, scale: int) -> tuple[torch.Tensor, to
     return canvas, mask
 
 
-def augment(image: Image.Image, prompt: str, size: int, *, aug: bool = True, hflip: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """One training view of an instance image: (pixels [3, S, S] in [-1, 1], mask [1, S/8, S/8], prompt)."""
+def augment(image: Image.Image, prompt: str, size: int, *, aug: bool = True, hflip: bool = False,
+            factor: int = DEFAULT_LATENT_FACTOR) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One training view of an instance image: (pixels [3, S, S] in [-1, 1], mask [1, S/f, S/f], prompt)."""
     if hflip and random.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     scale = draw_scale(size) if aug else size
     resized = image.resize((scale, scale), resample=Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    pixels, mask = place(pixels, size, scale)
+    pixels, mask = place(pixels, size, scale, factor)
     if scale < 0.6 * size:
         prompt = str(np.random.choice(["a far away ", "very small "])) + prompt
     elif scale > size:
@@ -123,14 +125,17 @@ def read_real_prior(class_dir: str | Path) -> tuple[list[Path], list[str]]:
 class CustomDiffusionDataset(Dataset):
     """Instance images of all concepts (+ their class images): item i pairs instance i mod N with class i mod M.
 
-    Items: instance_pixels [3, S, S], instance_mask [1, S/8, S/8], instance_prompt, and with prior
-    preservation class_pixels [3, S, S], class_prompt.
+    Items: instance_pixels [3, S, S], instance_mask [1, S/f, S/f] (f = `latent_factor`), instance_prompt, and
+    with prior preservation class_pixels [3, S, S], class_prompt.
     """
 
     def __init__(self, concepts: list[Concept], size: int = 512, *, with_prior_preservation: bool = False,
                  real_prior: bool = False, num_class_images: int = 200, center_crop: bool = False,
-                 hflip: bool = False, aug: bool = True):
+                 hflip: bool = False, aug: bool = True, latent_factor: int = DEFAULT_LATENT_FACTOR):
+        if latent_factor < 1 or size % latent_factor:
+            raise UsageError(f"--resolution {size} is not a multiple of the VAE's latent factor {latent_factor}")
         self.size, self.center_crop, self.hflip, self.aug = size, center_crop, hflip, aug
+        self.latent_factor = latent_factor
         self.instances: list[tuple[Path, str]] = []
         self.classes: list[tuple[Path, str]] = []
         for c in concepts:
@@ -153,7 +158,8 @@ class CustomDiffusionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, prompt = self.instances[index % len(self.instances)]
-        pixels, mask, prompt = augment(load_rgb(path), prompt, self.size, aug=self.aug, hflip=self.hflip)
+        pixels, mask, prompt = augment(load_rgb(path), prompt, self.size, aug=self.aug, hflip=self.hflip,
+                                     factor=self.latent_factor)
         item = {"instance_pixels": pixels, "instance_mask": mask, "instance_prompt": prompt}
         if self.with_prior:
             cpath, cprompt = self.classes[index % len(self.classes)]

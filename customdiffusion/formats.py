@@ -139,6 +139,26 @@ def load_diffusers(path: str | Path) -> CustomDiffusionWeights:
     return CustomDiffusionWeights(unet, tokens)
 
 
+def remove_diffusers_layout(folder: str | Path) -> None:
+    """Delete the files `load_diffusers` would read from `folder` (weights files of both suffixes, embedding
+    files), so a concept written over another never mixes with its leftovers (e.g. a stale `<new2>` file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for file in folder.iterdir():
+        if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in (".safetensors", ".bin"):
+            continue
+        if file.stem == PROCS_NAME:
+            file.unlink()
+            continue
+        try:
+            found = _embedding_file_tokens(load_weights(file), file.stem)
+        except UsageError:
+            continue
+        if found is not None:
+            file.unlink()
+
+
 def save_diffusers(weights: CustomDiffusionWeights, folder: str | Path, safe_serialization: bool = True) -> Path:
     """Write the upstream layout into `folder`; returns the weights file path."""
     if weights.compressed:
@@ -304,11 +324,20 @@ def detect_format(path: str | Path, sd: Mapping[str, Any] | None = None) -> str:
                      f"{PROCS_NAME}.*, a delta.bin ('unet', 'modifier_token') or an LDM delta ('state_dict')")
 
 
-def load(path: str | Path, unet_config: Mapping[str, Any] | None = None) -> CustomDiffusionWeights:
-    """Any layout above, auto-detected. LDM files need `unet_config` (e.g. `pipe.unet.config`) for key names."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"Custom Diffusion checkpoint not found: {path}; check the path")
+def check_finite(weights: CustomDiffusionWeights, source: str = "concept") -> None:
+    """Refuse NaN/inf anywhere in a concept: it would sample black images without a word."""
+    named: list[tuple[str, torch.Tensor]] = []
+    for name, value in weights.unet.items():
+        named += [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, Mapping) else [(name, value)]
+    for token, vectors in weights.tokens.items():
+        named += [(f"embedding of {token}", v) for v in vectors]
+    bad = [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UsageError(f"{source} holds NaN/inf values in {len(bad)} tensor(s) (e.g. {bad[0]}); the training "
+                         "diverged -- retrain with a lower --learning_rate or without fp16")
+
+
+def _load(path: Path, unet_config: Mapping[str, Any] | None) -> CustomDiffusionWeights:
     if path.is_dir():
         detect_format(path)
         return load_diffusers(path)
@@ -319,6 +348,17 @@ def load(path: str | Path, unet_config: Mapping[str, Any] | None = None) -> Cust
     if fmt == "delta":
         return delta_from_dict(sd, str(path))
     return ldm_from_dict(sd, unet_config, str(path))
+
+
+def load(path: str | Path, unet_config: Mapping[str, Any] | None = None) -> CustomDiffusionWeights:
+    """Any layout above, auto-detected, every value finite. LDM files need `unet_config` (e.g.
+    `pipe.unet.config`) for key names."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"Custom Diffusion checkpoint not found: {path}; check the path")
+    weights = _load(path, unet_config)
+    check_finite(weights, str(path))
+    return weights
 
 
 def save(weights: CustomDiffusionWeights, path: str | Path, fmt: str = "delta",

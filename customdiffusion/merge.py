@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from common.cli import ArgumentParser, parse_args
+from common.cli import ArgumentParser, parse_args, positive_int
 from common.errors import UsageError
 from common.pipelines.prompts import encode_prompt
 from customdiffusion.attention import is_kv
 from customdiffusion.formats import FORMATS, CustomDiffusionWeights
+from customdiffusion.outputs import refuse_existing, same_path
 
 DEFAULT_CAPTIONS = Path(__file__).resolve().parent.parent / "assets" / "regularization_captions.txt"
 NUM_REG_CAPTIONS = 200
@@ -192,15 +193,32 @@ def build_parser() -> ArgumentParser:
                    help="base model: preset (tiny-sd), hub id or folder")
     p.add_argument("--save_path", default="optimized_logs", help="folder for optimized_<categories>/")
     p.add_argument("--prompts", default=None, help="prompt or prompt file to sample with the merged model")
-    p.add_argument("--regularization_prompt", default=str(DEFAULT_CAPTIONS),
-                   help="caption file; its first 200 lines give the regularisation features")
+    p.add_argument("--regularization_captions", "--regularization_prompt", dest="regularization_prompt",
+                   default=str(DEFAULT_CAPTIONS),
+                   help="caption file, one caption per line; its first 200 lines give the regularisation features "
+                        "(the original's data/regularization_captions.txt from the CustomConcept101 download works "
+                        "as it is; the default is our own generic list)")
     p.add_argument("--format", default="delta", choices=FORMATS, help="output layout")
     p.add_argument("--no_safe_serialization", action="store_true", help="write torch .bin instead of .safetensors")
     p.add_argument("--sdxl", action="store_true", help="the base is SDXL (detected from the model anyway)")
-    p.add_argument("--num_inference_steps", type=int, default=200, help="sampling steps for --prompts")
+    p.add_argument("--num_inference_steps", type=positive_int, default=200, help="sampling steps for --prompts")
     p.add_argument("--seed", type=int, default=68, help="sampling seed for --prompts")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merged output")
     return p
+
+
+def check_paths(paths: Sequence[str]) -> None:
+    """A merge needs at least two distinct concepts (the same checkpoint twice would merge it with itself)."""
+    if len(paths) < 2:
+        raise UsageError(f"--paths names {len(paths)} concept(s); merging needs at least two, '+'-separated "
+                         "(one concept needs no merge: sample it directly)")
+    for i, a in enumerate(paths):
+        if not Path(a).exists():
+            raise UsageError(f"Custom Diffusion checkpoint not found: {a}; check --paths")
+        for b in paths[:i]:
+            if same_path(a, b):
+                raise UsageError(f"--paths names the same concept twice ({b} and {a}); merge distinct concepts")
 
 
 def output_path(save_path: str | Path, categories: str, fmt: str, safe: bool) -> Path:
@@ -219,14 +237,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(build_parser(), argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     paths, categories = split_plus(args.paths), split_plus(args.categories)
+    check_paths(paths)
     if len(paths) != len(categories):
         raise UsageError(f"{len(paths)} models but {len(categories)} categories; give one category per model "
                          "(both '+'-separated)")
     captions = read_captions(args.regularization_prompt)
+    out = output_path(args.save_path, args.categories, args.format, not args.no_safe_serialization)
+    refuse_existing(out, args.overwrite, "merged output")
+    if args.format == "diffusers" and args.overwrite:
+        formats.remove_diffusers_layout(out)
     pipe = load_pipeline(args.ckpt, device=device)
     concepts = [formats.load(p, pipe.unet.config) for p in paths]
     merged = merge_concepts(pipe, concepts, categories, captions)
-    out = output_path(args.save_path, args.categories, args.format, not args.no_safe_serialization)
     formats.save(merged, out, args.format, pipe.unet.config, safe_serialization=not args.no_safe_serialization)
     print(f"wrote {out}")
     if args.prompts:
@@ -234,5 +256,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         base = load_pipeline(args.ckpt, device=device)
         sample_to_folder(base, out, prompts=args.prompts, outdir=out if out.is_dir() else out.parent,
-                         num_images=10, batch_size=1, seed=args.seed, num_inference_steps=args.num_inference_steps)
+                         num_images=10, batch_size=1, seed=args.seed, num_inference_steps=args.num_inference_steps,
+                         overwrite=args.overwrite)
     return out

@@ -8,7 +8,12 @@ precision and multi-GPU come from common.train; flags follow diffusers' train_cu
 Choices that differ from the upstream script (and why):
 * the token-embedding matrix trains in its own param group without weight decay, so rows other than the
   modifier rows stay bit-identical (upstream zeroes their gradients but AdamW's decay still shrinks them);
-* the instance loss is the mean over unmasked latent cells and channels (spec §1.5).
+* the instance loss is the mean over unmasked latent cells *and channels* (spec §1.5), the scale of the prior
+  term, so `--prior_loss_weight 1` is the paper's 1:1 balance; diffusers' example divides by the one-channel
+  mask count (4x ours, its prior weighs 4x less): `--loss_normalization diffusers` reproduces it;
+* the loss mask's latent factor is measured from the VAE (any downsampling), as diffusers' example does;
+* `--initializer_token` words resolve as the original code's slow-tokenizer `encode([word])` did: a word that
+  is a vocabulary entry is that bare entry ("pll" -> 47629, the LDM code's hard-coded row, not "pll</w>").
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from common.cli import ArgumentParser, parse_args
@@ -30,10 +34,12 @@ from common.pipelines.latents import encode_images
 from common.pipelines.prompts import encode_tokens, tokenize
 from common.pipelines.text2image import generate
 from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
-from common.train.diffusion import masked_mse, noise_latents
+from common.train.diffusion import noise_latents
 from customdiffusion import attention
+from customdiffusion.adapter import write_concept_manifest
 from customdiffusion.data import Concept, CustomDiffusionDataset, collate, load_concepts_list
 from customdiffusion.formats import CustomDiffusionWeights, save, save_diffusers
+from customdiffusion.loss import LOSS_NORMALIZATIONS, custom_diffusion_loss
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -73,7 +79,12 @@ def build_parser() -> ArgumentParser:
                         help="crossattn_kv: train K/V of cross-attention; crossattn: also Q and out")
     method.add_argument("--modifier_token", default=None, help='new token(s), e.g. "<new1>" or "<new1>+<new2>"')
     method.add_argument("--initializer_token", default="ktn+pll+ucd",
-                        help="words whose embeddings initialise the modifier tokens, '+'-joined")
+                        help="words whose embeddings initialise the modifier tokens, '+'-joined; a word that is a "
+                             "vocabulary entry is used as that bare entry, as the original code did "
+                             "('pll' -> 47629, not 'pll</w>')")
+    method.add_argument("--loss_normalization", default="paper", choices=LOSS_NORMALIZATIONS,
+                        help="instance loss: paper = mean over kept latent cells and channels (1:1 with the prior "
+                             "loss); diffusers = diffusers' example, 4x larger (its prior weighs 4x less)")
     method.add_argument("--validation_prompt", default=None, help="prompt sampled every --validation_steps")
     method.add_argument("--num_validation_images", type=int, default=2, help="images per validation")
     method.add_argument("--no_safe_serialization", action="store_true", help="write .bin instead of .safetensors")
@@ -108,8 +119,32 @@ def check_args(args: argparse.Namespace, concepts: list[Concept]) -> None:
     for c in concepts:
         if tokens and not any(t in c.instance_prompt for t in tokens):
             raise UsageError(f"instance prompt {c.instance_prompt!r} uses none of the modifier tokens {tokens}")
-    if args.resolution % 8:
-        raise UsageError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if args.resolution < 1:
+        raise UsageError(f"--resolution must be positive, got {args.resolution}")
+
+
+def prior_lr_factor(args: argparse.Namespace) -> float:
+    """diffusers' `--scale_lr` rule on top of the common one: x2 with prior preservation (class images double
+    the images per step)."""
+    return 2.0 if args.scale_lr and args.with_prior_preservation else 1.0
+
+
+def ldm_learning_rate(base_lr: float, batch_size: int, n_gpu: int, accumulate_grad_batches: int = 1) -> float:
+    """The LDM code's rule (`--scale_lr` on by default there): accumulate x GPUs x batch size x base lr, where
+    its batch mixes instance and class images (paper: 1 x 2 x 4 x 1e-5 = 8e-5)."""
+    return accumulate_grad_batches * n_gpu * batch_size * base_lr
+
+
+@torch.no_grad()
+def measure_latent_factor(vae: torch.nn.Module, resolution: int, device, dtype: torch.dtype) -> int:
+    """Pixels per latent cell of this VAE at the training size, measured by encoding a blank image (as
+    diffusers' example does; the posterior's mode, so no random number is drawn)."""
+    probe = torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
+    side = vae.encode(probe).latent_dist.mode().shape[-1]
+    if side < 1 or resolution % side:
+        raise UsageError(f"--resolution {resolution} does not map to a whole latent grid with this VAE "
+                         f"({side} cells); use a multiple of {max(resolution // max(side, 1), 1)}")
+    return resolution // side
 
 
 def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -149,6 +184,7 @@ class CustomDiffusionMethod(TrainingMethod):
         attention.install(pipe.unet, args.freeze_model)
         dtype = compute_dtype(accelerator)
         _place(pipe.vae, self.device, dtype)
+        self.latent_factor = measure_latent_factor(pipe.vae, args.resolution, self.device, pipe.vae.dtype)
         trained = {k: p.detach().clone() for k, p in attention.trainable_parameters(pipe.unet).items()}
         _place(pipe.unet, self.device, dtype)
         for proc in attention.custom_processors(pipe.unet).values():
@@ -205,16 +241,14 @@ class CustomDiffusionMethod(TrainingMethod):
         return mods
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
-        lr = self.args.learning_rate
-        if self.args.scale_lr and self.args.with_prior_preservation:
-            lr *= 2  # upstream rule: prior images double the effective batch
+        lr = self.args.learning_rate * prior_lr_factor(self.args)
         groups = [{"params": list(attention.trainable_parameters(self.pipe.unet).values()), "lr": lr}]
         if self.tokens:
             embeds = [enc.get_input_embeddings().weight for _, enc in text_pairs(self.pipe)]
             groups.append({"params": embeds, "lr": lr, "weight_decay": 0.0})
         return groups
 
-    def loss(self, batch: dict[str, Any], accelerator) -> torch.Tensor:
+    def loss(self, batch: dict[str, Any], accelerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pixels = batch["pixel_values"].to(self.device, dtype=self.pipe.vae.dtype)
         with torch.no_grad():
             latents = encode_images(self.pipe.vae, pixels).float()
@@ -228,12 +262,13 @@ class CustomDiffusionMethod(TrainingMethod):
             added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pixels), 1)}
         dtype = self.pipe.unet.dtype
         pred = self.unet(noised.x_t.to(dtype), noised.t, embeds.to(dtype), added_cond_kwargs=added).sample
-        n = batch["num_instance"]
         mask = batch["mask"].to(self.device)
-        loss = masked_mse(pred[:n], noised.target[:n], mask[:n])
-        if self.args.with_prior_preservation:
-            loss = loss + self.args.prior_loss_weight * F.mse_loss(pred[n:].float(), noised.target[n:].float())
-        return loss
+        if mask.shape[-2:] != pred.shape[-2:]:
+            raise RuntimeError(f"loss mask {tuple(mask.shape[-2:])} does not match the latents {tuple(pred.shape[-2:])}")
+        return custom_diffusion_loss(pred, noised.target, mask, batch["num_instance"],
+                                     prior_loss_weight=self.args.prior_loss_weight,
+                                     with_prior=self.args.with_prior_preservation,
+                                     normalization=self.args.loss_normalization)
 
     def trained_weights(self) -> CustomDiffusionWeights:
         unet_sd = {attention.proc_key_to_param(k): v.float() for k, v in attention.get_state(self.pipe.unet).items()}
@@ -256,6 +291,7 @@ class CustomDiffusionMethod(TrainingMethod):
             name = "delta" if self.args.save_format == "delta" else "delta_model"
             save(weights, Path(directory) / f"{name}{ext}", fmt=self.args.save_format,
                  unet_config=dict(self.pipe.unet.config))
+        write_concept_manifest(self.pipe, directory, weights, self.args.save_format, safe)
 
     def validate(self, step: int) -> list:
         if not self.args.validation_prompt:
@@ -277,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     dataset = _LazyDataset(lambda: CustomDiffusionDataset(
         concepts, args.resolution, with_prior_preservation=args.with_prior_preservation,
         real_prior=args.real_prior, num_class_images=args.num_class_images, center_crop=args.center_crop,
-        hflip=args.hflip, aug=not args.noaug))
+        hflip=args.hflip, aug=not args.noaug, latent_factor=method.latent_factor))
     trainer = Trainer(args, method, dataset, collate_fn=collate)
     trainer.train()
     return trainer

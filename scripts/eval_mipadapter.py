@@ -1,6 +1,6 @@
-"""Score generated images on CustomConcept101 with the mipadapter protocol (see common/eval/README_SECTION.md)."""
-if __name__ == "__main__":
-    from common.cli import run
-    from common.eval.runners import main_mipadapter
+"""Score (and with --generate, first sample) Concept101 with the MIP-Adapter protocol (Table 1 beside ours)."""
+from common.cli import run
+from mipadapter.eval import main
 
-    run(main_mipadapter)
+if __name__ == "__main__":
+    run(main)

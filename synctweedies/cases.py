@@ -5,6 +5,7 @@ canonical space: eps, the Tweedie estimate x0|t, or the next state x_{t-1}. Case
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from common.errors import UsageError
@@ -31,6 +32,18 @@ CASES: dict[int, Case] = {c.id: c for c in [
     Case(5, "canonical", "x0", "canonical denoising, averaged Tweedie x0|t"),
     Case(6, "canonical", "x_prev", "canonical denoising, averaged x_{t-1}"),
 ]}
+
+
+def case_id(text: str | int) -> int:
+    """argparse `type` of --case_num: the case as an int 0-6, checked when the flags are parsed."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value not in CASES:
+        raise argparse.ArgumentTypeError(f"unknown case {text!r}: use 0-6 (2 = SyncTweedies); the original's research "
+                                         "variants 7-59 are not part of the paper's analysis")
+    return value
 
 
 def get_case(case_num: str | int) -> Case:

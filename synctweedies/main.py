@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from common.cli import parse_args
 from common.errors import UsageError
 from synctweedies.config import APPS, PARSERS
+from synctweedies.registry import get_app
 
 
 def _print_all_help() -> None:
@@ -42,17 +43,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if app not in PARSERS:
         raise UsageError(f"unknown --app {app!r}: choose from {', '.join(APPS)}")
     args = parse_args(PARSERS[app](), argv)
-    if app == "ambiguous_image":
-        from synctweedies.apps.ambiguous_image import run
-    elif app == "wide_image":
-        from synctweedies.apps.wide_image import run
-    elif app == "mesh":
-        from synctweedies.apps.mesh import run
-    elif app == "gs":
-        from synctweedies.apps.gs import run
-    else:
-        from synctweedies.apps.panorama import run
-    return run(args)
+    return get_app(app)(args)
 
 
 def _app_from_config(argv: list[str]) -> str | None:

@@ -12,15 +12,28 @@ from common.io import atomic_save_image, atomic_write
 from common.pipelines.text2image import to_pil
 
 
+def check_save_dir(save_top_dir: str, tag: str, save_dir_now: bool) -> None:
+    """Refuse an existing result folder before any model is loaded (make_save_dir checks again)."""
+    path = Path(save_top_dir) / tag
+    if not save_dir_now and path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"output folder {path} already exists: pass --save_dir_now, another --tag or remove it")
+
+
 def make_save_dir(save_top_dir: str, tag: str, save_dir_now: bool) -> Path:
-    """<top>/<tag>, or <top>/<tag>/<YYYYmmdd-HHMMSS> with --save_dir_now. An existing folder is refused
-    (the original silently exits 0 there; we say why)."""
+    """<top>/<tag>, or <top>/<tag>/<YYYYmmdd-HHMMSS> with --save_dir_now. An existing folder with results is
+    refused (the original silently exits 0 there; we say why); an empty one (a run that failed before writing
+    anything) is reused. Call it after the inputs are checked and the models loaded."""
     path = Path(save_top_dir) / tag
     if save_dir_now:
         path = path / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    elif path.exists():
+    elif path.is_dir() and any(path.iterdir()):
         raise UsageError(f"output folder {path} already exists: pass --save_dir_now, another --tag or remove it")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"cannot create output folder {path}: a file is in the way") from None
+    except PermissionError:
+        raise UsageError(f"cannot create output folder {path}: permission denied") from None
     return path
 
 

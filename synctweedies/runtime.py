@@ -1,16 +1,19 @@
-"""Run-time pieces every app shares: device and dtype, seeding, and the reference-attention schedule."""
+"""Run-time pieces every app shares: the start (device, dtype, seeding) and finish (args.json, one summary
+line) of a run, and flag checks. (The reference-attention schedule lives in common.attention.schedule.)"""
 from __future__ import annotations
 
 import argparse
+import json
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.attention.reference import ViewContext
 from common.cli import torch_dtype_from_name
 from common.errors import UsageError
-from common.pipelines.loop import Hook, StepState
+from common.io import atomic_write_text
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
@@ -38,11 +41,37 @@ def check_fraction(name: str, value: float) -> None:
         raise UsageError(f"--{name} must be between 0 and 1, got {value}")
 
 
-class ReferenceAttentionSchedule(Hook):
-    """Reference-view attention on while t >= (1 - ref_attention_end) T (the first 20 % by default)."""
+@dataclass
+class RunStart:
+    """What every app's run begins with: where it runs and the seeded generator."""
 
-    def __init__(self, context: ViewContext, ref_attention_end: float, num_train_timesteps: int):
-        self.context, self.end, self.T = context, ref_attention_end, num_train_timesteps
+    device: torch.device
+    dtype: torch.dtype
+    generator: torch.Generator
 
-    def on_input(self, state: StepState) -> None:
-        self.context.reference_enabled = float(state.t) >= (1 - self.end) * self.T
+
+def start_run(args: argparse.Namespace, save_top_dir: str, tag: str) -> RunStart:
+    """Device, dtype and seeding, the first lines of every app (call after the flags are validated); an existing
+    result folder <save_top_dir>/<tag> is refused here, before any model loads."""
+    from synctweedies.outputs import check_save_dir
+
+    check_save_dir(save_top_dir, tag, args.save_dir_now)
+    device = device_of(args)
+    return RunStart(device, dtype_of(args, device), seed_everything(args.seed))
+
+
+def finish_run(out: Path, args: argparse.Namespace, summary: str) -> None:
+    """The last lines of every app: args.json beside the results and one `wrote ...` line."""
+    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
+    print(f"wrote {summary}")
+
+
+def derived_rgb_size(args: argparse.Namespace, rgb_flag: str, latent_flag: str, factor: int) -> int:
+    """The RGB view size is always latent size x the VAE factor: derive it (None), check it when given."""
+    latent, rgb = getattr(args, latent_flag), getattr(args, rgb_flag)
+    if rgb is None:
+        setattr(args, rgb_flag, latent * factor)
+    elif rgb != latent * factor:
+        raise UsageError(f"--{rgb_flag} ({rgb}) must be --{latent_flag} ({latent}) x {factor}; leave it out to "
+                         "derive it")
+    return getattr(args, rgb_flag)

@@ -29,6 +29,7 @@ class SyncOptions:
     initialize_xt_from_zt: bool = False
     sampling_method: str = "ddim"
     eta: float = 0.0
+    threshold_x0: bool = True  # clip / threshold x0|t as the scheduler config says (False: never, as the original)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def sync_sample(denoiser: Callable, scheduler, projection: Projection, *, option
     (SDEdit); `denoiser(x, t, step)` maps the instance batch to model outputs (CFG inside).
     """
     case = get_case(options.case_num)
-    stepper = SyncStepper(scheduler, options.sampling_method, options.eta, generator)
+    stepper = SyncStepper(scheduler, options.sampling_method, options.eta, generator, options.threshold_x0)
     channels = channels or (x_T.shape[1] if x_T is not None else z_T.shape[1])
     device = device or (x_T.device if x_T is not None else "cpu")
     dtype = dtype or (x_T.dtype if x_T is not None else torch.float32)

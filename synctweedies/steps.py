@@ -6,7 +6,9 @@ and the same function steps a canonical variable z_t (cases 4-5) that no network
 schedulers take a model output instead, so we keep the formulas here and wrap them in `SyncStepper`,
 which quacks like a scheduler for `common.pipelines.loop.sample`.
 
-Unlike the original `compute_prev_state`, DDIM with eta > 0 scales its noise by sigma_eta.
+Unlike the original `compute_prev_state`, DDIM with eta > 0 scales its noise by sigma_eta, and x0|t is
+clipped / thresholded where the wrapped scheduler's config asks for it (DeepFloyd IF's does); the original
+never thresholds (`threshold=False`, flag --x0_thresholding off).
 """
 from __future__ import annotations
 
@@ -100,10 +102,11 @@ class SyncStepper:
     """
 
     def __init__(self, scheduler, method: str = "ddim", eta: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, threshold: bool = True):
         if method not in METHODS:
             raise ValueError(f"sampling method must be one of {METHODS}, got {method!r}")
         self.scheduler, self.method, self.eta, self.generator = scheduler, method, eta, generator
+        self.threshold = threshold
         self.config = scheduler.config
         self.alphas_cumprod = scheduler.alphas_cumprod
         self.final_alpha_cumprod = getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0))
@@ -143,7 +146,10 @@ class SyncStepper:
         return StepCoefficients(abar_t, abar_prev, prev)
 
     def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
-        """Thresholding / clipping of x0|t exactly where the wrapped scheduler's config asks for it."""
+        """Thresholding / clipping of x0|t exactly where the wrapped scheduler's config asks for it (never with
+        threshold=False, as the original)."""
+        if not self.threshold:
+            return x0
         if self.config.get("thresholding", False):
             return self.scheduler._threshold_sample(x0)
         if self.config.get("clip_sample", False):

@@ -5,8 +5,11 @@ Every rearranging view is an index map built by applying the transform to an ima
 GIF morph moves pixels along it). Sizes are generic: the same seeded permutation is used at 64 and 256, so
 stage I and stage II see the same anagram.
 Definitions we chose where the original's are asset-based: `jigsaw` = 4x4 square pieces permuted and
-rotated (seed 11); `inner_circle` = the centred disc of radius 0.375 s turned by 180 degrees;
-`square_hinge` = each quadrant turned by 90 degrees about its own centre.
+rotated (seed 11); `inner_circle` = the centred disc of radius 0.375 s turned by 180 degrees.
+As the original (Visual Anagrams' permutations): `square_hinge` = a 3x3 grid of s//3 squares, each turned by
+90 degrees, clockwise where row + column is even and counter-clockwise where it is odd (the s - 3 (s//3)
+last rows/columns stay); `inner_rotate` = the disc turned clockwise on screen by the angle (the original's
+`TF.rotate(-angle)`, nearest), its inverse counter-clockwise.
 """
 from __future__ import annotations
 
@@ -84,7 +87,8 @@ class NegateView(View):
 
 
 class InnerRotateView(View):
-    """The centred disc turned by `angle` degrees with nearest sampling; a 1-to-n map unless angle % 90 == 0."""
+    """The centred disc turned clockwise (on screen) by `angle` degrees with nearest sampling, as the original's
+    `TF.rotate(x, -angle)`; the inverse turns it back counter-clockwise. A 1-to-n map unless angle % 90 == 0."""
 
     name = "inner_rotate"
     is_permutation = False
@@ -93,20 +97,21 @@ class InnerRotateView(View):
         self.angle = angle
 
     def index(self, size: int) -> torch.Tensor:
-        return _disc_rotation(size, self.angle)
+        return _disc_rotation(size, -self.angle)
 
     def inverse_index(self, size: int) -> torch.Tensor:
-        return _disc_rotation(size, -self.angle)
+        return _disc_rotation(size, self.angle)
 
 
 @lru_cache(maxsize=None)
 def _disc_rotation(size: int, angle: float) -> torch.Tensor:
-    """Output pixel p inside the disc takes the input pixel nearest to R(-angle) p (about the centre)."""
+    """The disc turned counter-clockwise on screen by `angle` (negative: clockwise), nearest sampling:
+    output pixel p inside the disc takes the input pixel nearest to R(-angle) p (about the centre)."""
     c = (size - 1) / 2
     ii, jj = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
                             indexing="ij")
     y, x = ii - c, jj - c
-    inside = (y ** 2 + x ** 2).sqrt() <= DISC * size
+    inside = y ** 2 + x ** 2 < (DISC * size) ** 2  # strict, as the original's mask
     a = math.radians(angle)
     # image rows grow downwards: a counter-clockwise turn on screen by `a` samples the source at R(-a)
     sx = math.cos(a) * x - math.sin(a) * y
@@ -142,19 +147,20 @@ def _inner_circle(ids: torch.Tensor) -> torch.Tensor:
     s = ids.shape[-1]
     c = (s - 1) / 2
     ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    inside = ((ii - c) ** 2 + (jj - c) ** 2).sqrt() <= DISC * s
+    inside = (ii - c) ** 2 + (jj - c) ** 2 < (DISC * s) ** 2
     return torch.where(inside, torch.rot90(ids, 2, (0, 1)), ids)
 
 
 def _square_hinge(ids: torch.Tensor) -> torch.Tensor:
+    """3x3 squares of side s//3; square (row r, column c) turns clockwise when r + c is even, else
+    counter-clockwise. Rows/columns beyond 3 (s//3) stay where they are."""
     s = ids.shape[-1]
-    if s % 2:
-        raise UsageError(f"square_hinge needs an even image size, got {s}")
-    h = s // 2
+    q = s // 3
     out = ids.clone()
-    for r in (0, h):
-        for c in (0, h):
-            out[r:r + h, c:c + h] = torch.rot90(ids[r:r + h, c:c + h], -1, (0, 1))
+    for r in range(3):
+        for c in range(3):
+            block = ids[r * q:(r + 1) * q, c * q:(c + 1) * q]
+            out[r * q:(r + 1) * q, c * q:(c + 1) * q] = torch.rot90(block, -1 if (r + c) % 2 == 0 else 1, (0, 1))
     return out
 
 

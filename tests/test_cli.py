@@ -156,3 +156,76 @@ def test_append_flags_from_config_keep_their_shape_and_the_command_line_replaces
     assert cli.parse_args(parser, ["--config", str(cfg)]).camera_azims == [[10, 20], [30]]
     args = cli.parse_args(parser, ["--config", str(cfg), "--camera_azims", "5"])
     assert args.camera_azims == [[5]]
+
+
+# ------------------------------------------------------------------------------------- dialect and configs
+
+
+def test_model_aliases_and_a_scripts_own_flag_wins():
+    parser = cli.ArgumentParser()
+    cli.add_model_args(parser, default="tiny-sd")
+    for flag in ("--pretrained_model_name_or_path", "--model", "--ckpt", "--sd_path"):
+        assert cli.parse_args(parser, [flag, "x"]).pretrained_model_name_or_path == "x"
+    own = cli.ArgumentParser()
+    own.add_argument("--ckpt", default="mine", help="a method's own checkpoint flag")
+    cli.add_model_args(own)
+    args = cli.parse_args(own, ["--ckpt", "c", "--model", "m"])
+    assert (args.ckpt, args.pretrained_model_name_or_path) == ("c", "m")
+
+
+def test_sampling_defaults_by_flag_name_and_steps_alias():
+    parser = cli.ArgumentParser()
+    cli.add_sampling_args(parser, num_inference_steps=30, guidance_scale=None, seed=5, negative_prompt="bad")
+    args = cli.parse_args(parser, ["--steps", "4"])
+    assert (args.num_inference_steps, args.guidance_scale, args.seed, args.negative_prompt) == (4, None, 5, "bad")
+    with pytest.raises(TypeError, match="num_inference_step"):
+        cli.add_sampling_args(cli.ArgumentParser(), num_inference_step=3)
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--steps", "0"], r"--num_inference_steps/--steps: must be a positive integer \(>= 1\), got 0"),
+    (["--num_inference_steps", "-2"], "got -2"),
+    (["--width", "-8"], "--width: must be a positive integer"),
+    (["--steps", "two"], "invalid int value: 'two'"),
+])
+def test_bad_sampling_flags_are_one_line_usage_errors(argv, pattern):
+    parser = cli.ArgumentParser()
+    cli.add_sampling_args(parser)
+    with pytest.raises(UsageError, match=pattern):
+        cli.parse_args(parser, argv)
+
+
+def test_config_files_go_through_the_same_checks(tmp_path):
+    parser = cli.ArgumentParser()
+    cli.add_sampling_args(parser)
+    with pytest.raises(UsageError, match="num_inference_steps: must be a positive integer"):
+        cli.parse_args(parser, ["--config", _yaml(tmp_path, "num_inference_steps: 0\n")])
+    assert cli.parse_args(parser, ["--config", _yaml(tmp_path, "steps: 3\n")]).num_inference_steps == 3
+
+
+def test_typed_configs_validate_once():
+    parser = cli.ArgumentParser()
+    cli.add_model_args(parser, default="tiny-sd")
+    cli.add_sampling_args(parser, height=64)
+    args = cli.parse_args(parser, ["--prompt", "p", "--dtype", "bf16"])
+    model, sampling = cli.ModelConfig.from_args(args), cli.SamplingConfig.from_args(args)
+    assert model.torch_dtype is torch.bfloat16 and model.pretrained_model_name_or_path == "tiny-sd"
+    assert (sampling.prompt, sampling.height, sampling.num_inference_steps, sampling.num_images) == ("p", 64, 50, 1)
+    with pytest.raises(UsageError, match="--num_inference_steps must be at least 1, got 0"):
+        cli.SamplingConfig(num_inference_steps=0)
+    with pytest.raises(UsageError, match="--num_images must be at least 1, got 0"):
+        cli.SamplingConfig(num_images=0)
+    with pytest.raises(UsageError, match="--width must be a positive multiple of 16 for this model, got 72"):
+        cli.SamplingConfig(width=72, factor=16)
+    cli.SamplingConfig(width=72).check_size(8)
+    with pytest.raises(UsageError, match="multiple of 16"):
+        cli.SamplingConfig(width=72).check_size(16)
+    with pytest.raises(UsageError, match="no model"):
+        cli.ModelConfig("")
+    with pytest.raises(UsageError, match="unknown --device 'gpu'"):
+        cli.ModelConfig("tiny-sd", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            cli.ModelConfig("tiny-sd", device="cuda")
+    with pytest.raises(UsageError, match="finite"):
+        cli.SamplingConfig(guidance_scale=float("nan"))

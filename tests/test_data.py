@@ -150,3 +150,31 @@ def test_metadata_errors_name_the_line(tmp_path, third_line, pattern):
 def test_missing_metadata_file(tmp_path):
     with pytest.raises(UsageError, match="no metadata.jsonl in"):
         MetadataJsonlDataset(tmp_path, 8)
+
+
+def test_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    wide = (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    path = tmp_path / "g16.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")  # what Pillow gives for a 16-bit PNG
+    rgb = np.asarray(load_rgb(path))
+    expected = np.rint(wide / 257.0).astype(np.uint8)
+    assert rgb.shape == (32, 32, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01  # Pillow's own convert("RGB") makes ~all of it white
+
+
+def test_tiny_training_images_are_refused(tmp_path):
+    from common.data import MIN_TRAINING_SIDE, check_images
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    Image.new("RGB", (MIN_TRAINING_SIDE, 40)).save(tmp_path / "ok.png")
+    assert load_rgb(tmp_path / "one.png").size == (1, 1)  # plain loading still works
+    with pytest.raises(UsageError, match=r"one.png is only 1x1 pixels \(at least 8 on each side needed\)"):
+        check_images([tmp_path / "ok.png", tmp_path / "one.png"])
+    check_images([tmp_path / "ok.png"])
+    dataset = ImageFolderDataset(tmp_path, 8, prompt="p")
+    with pytest.raises(UsageError, match="one.png is only 1x1"):
+        dataset.check()

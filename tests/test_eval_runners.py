@@ -12,7 +12,8 @@ import pytest
 
 from common.errors import UsageError
 from common.eval import tiny
-from common.eval.runners import main_customdiffusion, main_mipadapter
+from mipadapter.eval_protocol import main as main_mipadapter
+from customdiffusion.eval_protocol import main as main_customdiffusion
 from common.eval.similarity import paired_cosine, pairwise_mean
 from eval_fixtures import random_image, write_customconcept101, write_samples
 
@@ -83,7 +84,7 @@ def test_bad_inputs_are_usage_errors(bench, tmp_path):
     with pytest.raises(UsageError, match="100 were expected"):
         main_customdiffusion(_args(bench, samples, tmp_path, "--numgen", "100"))
     random_image(folder / "samples" / "extra.png", 5)
-    with pytest.raises(UsageError, match="no prompt for extra.png"):
+    with pytest.raises(UsageError, match=r"without a prompt record \(e\.g\. extra\.png\)"):
         main_customdiffusion(_args(bench, samples, tmp_path))
     table = json.loads((folder / "prompts.json").read_text())
     (folder / "prompts.json").write_text(json.dumps({**table, "extra": "x"}))
@@ -92,7 +93,7 @@ def test_bad_inputs_are_usage_errors(bench, tmp_path):
         main_customdiffusion(_args(bench, samples, tmp_path))
     with pytest.raises(UsageError, match="no generated images for furniture_chair1"):
         main_customdiffusion(_args(bench, samples, tmp_path, "--concepts", "furniture_chair1"))
-    with pytest.raises(UsageError, match="comes with the customdiffusion sampler"):
+    with pytest.raises(UsageError, match="--generate needs the Custom Diffusion sampler"):
         main_customdiffusion(_args(bench, samples, tmp_path, "--generate"))
     with pytest.raises(UsageError, match="no concept folders"):
         main_mipadapter(_args(bench, samples, tmp_path))

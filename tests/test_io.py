@@ -174,3 +174,52 @@ def test_saved_files_get_umask_permissions_not_0600(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+def test_weights_only_refusal_is_one_short_line(tmp_path):
+    import pickle
+
+    class Reduces:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(pickle.dumps({"a": Reduces()}, protocol=4))  # a plain pickle, not torch.save
+    with pytest.raises(UsageError) as err:
+        io.load_weights(path)
+    msg = str(err.value)
+    assert msg == f"{path} is corrupt or not a weights file: Unsupported operand 149; re-download or re-save it"
+
+
+def test_short_reason_keeps_only_the_weights_unpickler_sentence():
+    paragraph = (
+        "Weights only load failed. This file can still be loaded, to do so you have two options, "
+        "\x1b[1mdo those steps only if you trust the source of the checkpoint\x1b[0m. \n\t(1) In PyTorch 2.6, we "
+        "changed the default ...\n\tWeightsUnpickler error: Unsupported global: GLOBAL a.B was not an allowed "
+        "global by default. Please use `torch.serialization.add_safe_globals([a.B])` ...\n\nCheck the documentation"
+    )
+    assert io.short_reason(RuntimeError(paragraph)) == (
+        "Unsupported global: GLOBAL a.B was not an allowed global by default"
+    )
+    assert io.short_reason(ValueError("first\nsecond")) == "first"
+    assert len(io.short_reason(ValueError("x" * 1000))) == 200
+
+
+def test_check_writable(tmp_path):
+    io.check_writable(tmp_path / "new" / "deeper" / "x.png")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing, not even the folders
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep")
+    with pytest.raises(UsageError, match=r"file.txt is a file, not a folder"):
+        io.check_writable(blocker / "x.png")
+    with pytest.raises(UsageError, match="it is a folder"):
+        io.check_writable(tmp_path)
+    assert blocker.read_text() == "keep"
+
+
+def test_atomic_write_under_a_file_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        io.atomic_write_text(blocker / "sub" / "x.txt", "new")
+    assert blocker.read_text() == "keep"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data.images import image_to_tensor, list_images, load_rgb
+from common.data.images import MIN_TRAINING_SIDE, check_images, image_to_tensor, list_images, load_rgb
 from common.errors import UsageError
 
 METADATA_FILE = "metadata.jsonl"
@@ -41,9 +41,13 @@ class _CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def check(self) -> None:
+        """Open every image now (the Trainer calls this before the model loads); see `check_images`."""
+        check_images(path for path, _ in self.items)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, prompt = self.items[index]
-        img = load_rgb(path)
+        img = load_rgb(path, min_side=MIN_TRAINING_SIDE)
         if self.transform is not None:
             pixels = self.transform(img)
         else:

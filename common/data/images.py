@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,25 @@ from common.errors import UsageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+#: The smallest side a training image may have: below it, resizing to the training resolution only blows up a
+#: few pixels (a 1x1 image becomes a flat colour), which is almost certainly a wrong file.
+MIN_TRAINING_SIDE = 8
+
+# Pillow opens 16-bit greyscale PNGs in these modes; its convert("RGB") clips them at 255 instead of scaling.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit greyscale -> 8-bit "L" by scaling 0..65535 onto 0..255 (x / 257, rounded)."""
+    if img.mode not in _WIDE_MODES:
+        return img
+    wide = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (not dropped, which would leave arbitrary colours)."""
+    img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -22,16 +40,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB; unreadable files are a UsageError."""
+def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB; unreadable files are a UsageError, and so is
+    an image with a side shorter than `min_side` pixels (training data: see MIN_TRAINING_SIDE)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise UsageError(f"image not found: {path}; check the path") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"cannot read image {path}: {' '.join(str(e).split())}; replace or remove the file") from None
+    if min_side is not None and min(rgb.size) < min_side:
+        raise UsageError(
+            f"image {path} is only {rgb.width}x{rgb.height} pixels (at least {min_side} on each side needed); "
+            "replace or remove the file"
+        )
+    return rgb
+
+
+def check_images(paths: Iterable[str | os.PathLike], min_side: int | None = MIN_TRAINING_SIDE) -> None:
+    """Open every image once, so a bad one (unreadable, truncated, too small) is reported before a model loads
+    rather than minutes into training."""
+    for path in paths:
+        load_rgb(path, min_side=min_side)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

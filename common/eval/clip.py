@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from common.eval.extractor import (
-    CLIP_224, FeatureExtractor, ImageLike, Preprocess, existing_path, offline_error, weights_tag,
+    CLIP_224, FeatureExtractor, ImageLike, Preprocess, existing_path, offline_error, quiet_root_logger, weights_tag,
 )
 from common.eval.similarity import paired_cosine, pairwise_mean
 
@@ -30,12 +30,19 @@ def load_clip(
     """An open_clip model as a FeatureExtractor with image and text encoders.
 
     `pretrained` is an open_clip tag (resolved from the local Hugging Face cache when offline) or a local
-    weights file. A missing model raises one UsageError saying what to download.
+    weights file. A missing model raises one UsageError saying what to download. `model_name="toy-clip"` gives
+    the toy world's trained CLIP (assets/toyworld/toy-clip, or the folder `pretrained` names).
     """
+    if model_name == "toy-clip":
+        from common.toyworld.judge import toy_clip_extractor
+
+        folder = pretrained if existing_path(pretrained) else None
+        return toy_clip_extractor(folder, device=device, dtype=dtype, batch_size=batch_size)
     import open_clip
 
     try:
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        with quiet_root_logger():
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as e:  # noqa: BLE001 - hub, file and config errors all mean "not available"
         how = (

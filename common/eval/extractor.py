@@ -6,6 +6,9 @@ backbone *and* its preprocessing, which is what the feature cache keys on.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,6 +170,19 @@ class FeatureExtractor:
         bs = batch_size or self.batch_size
         rows = [self.text_fn(list(texts[s : s + bs])).float().cpu() for s in range(0, len(texts), bs)]
         return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    """open_clip logs a failed download with `logging.error` on the root logger before raising; the raise
+    becomes our one-line UsageError, so the extra `ERROR:root:` line is held back while loading."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def offline_error(what: str, how: str, cause: BaseException) -> UsageError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -13,46 +14,9 @@ from common.data import load_rgb
 from common.eval.scoring import TaskScores
 from common.io import atomic_save_image, atomic_write_text
 
-# (method, CLIP-T, CLIP-I, DINO). Custom Diffusion: customconcept101 README, 200 DDPM steps and [50 steps];
-# MIP-Adapter: Table 1 (Concept101, multi-concept). From /work/shared/methods/{customdiffusion,mipadapter}.md.
-PAPER_TABLES: dict[str, list[tuple[str, float, float, float]]] = {
-    "customdiffusion-single-200": [
-        ("Textual Inversion", 0.6126, 0.7524, 0.5111),
-        ("DreamBooth", 0.7522, 0.7520, 0.5533),
-        ("Custom Diffusion", 0.7602, 0.7440, 0.5311),
-    ],
-    "customdiffusion-single-50": [
-        ("Textual Inversion", 0.6117, 0.7530, 0.5128),
-        ("DreamBooth", 0.7514, 0.7521, 0.5541),
-        ("Custom Diffusion", 0.7583, 0.7456, 0.5335),
-    ],
-    "customdiffusion-multi-200": [
-        ("DreamBooth", 0.7383, 0.6625, 0.3816),
-        ("Custom Diffusion (Opt)", 0.7627, 0.6577, 0.3650),
-        ("Custom Diffusion (Joint)", 0.7567, 0.6680, 0.3760),
-    ],
-    "customdiffusion-multi-50": [
-        ("DreamBooth", 0.7366, 0.6636, 0.3849),
-        ("Custom Diffusion (Opt)", 0.7599, 0.6595, 0.3684),
-        ("Custom Diffusion (Joint)", 0.7534, 0.6704, 0.3799),
-    ],
-    "mipadapter-table1": [
-        ("DreamBooth", 0.7383, 0.6636, 0.3849),
-        ("Custom Diffusion (Opt)", 0.7599, 0.6595, 0.3684),
-        ("Custom Diffusion (Joint)", 0.7534, 0.6704, 0.3799),
-        ("Mix-of-Show", 0.7280, 0.6700, 0.3940),
-        ("MC^2", 0.7670, 0.6860, 0.4060),
-        ("FastComposer", 0.7456, 0.6552, 0.3574),
-        ("λ-ECLIPSE", 0.7275, 0.6902, 0.3902),
-        ("ELITE", 0.6814, 0.6460, 0.3347),
-        ("IP-Adapter", 0.6343, 0.6409, 0.3481),
-        ("SSR-Encoder", 0.7363, 0.6895, 0.3970),
-        ("MIP-Adapter (sdxl), small 10k data", 0.7694, 0.6967, 0.4108),
-        ("MIP-Adapter (sdxl), original data", 0.7750, 0.6943, 0.4127),
-        ("MIP-Adapter (sdxl_plus), small 10k data", 0.7752, 0.6924, 0.4375),
-        ("MIP-Adapter (sdxl_plus), original data", 0.7765, 0.6950, 0.4397),
-    ],
-}
+# (method, CLIP-T, CLIP-I, DINO). A method's protocol passes its own rows (`paper_rows`, e.g.
+# customdiffusion.eval_protocol.PAPER_TABLES, mipadapter.eval_protocol.PAPER_TABLES); none are kept here.
+PAPER_TABLES: dict[str, list[tuple[str, float, float, float]]] = {}
 PAPER_COLUMNS = ("clip_t", "clip_i", "dino")
 COLUMN_TITLES = {"clip_t": "CLIP-T", "clip_t_cos": "CLIP-T (cos)", "clip_i": "CLIP-I", "dino": "DINO",
                  "dinov2": "DINOv2", "aesthetic": "Aesthetic"}
@@ -70,15 +34,16 @@ def write_csv(path: str | Path, scores: list[TaskScores]) -> None:
 
 
 def summary_markdown(
-    title: str, table: str, ours: dict[str, float], ours_label: str, *, notes: list[str] = ()
+    title: str, table: str, ours: dict[str, float], ours_label: str, *, notes: list[str] = (),
+    paper_rows: Sequence[tuple[str, float, float, float]] | None = None,
 ) -> str:
-    """The paper's rows (PAPER_TABLES[table]) and ours in one Markdown table; extra metrics of ours get columns
-    that the paper rows leave empty."""
+    """The paper's rows (`paper_rows`, else PAPER_TABLES[table]) and ours in one Markdown table; extra metrics
+    of ours get columns that the paper rows leave empty."""
     extra = [k for k in ours if k not in PAPER_COLUMNS and k in COLUMN_TITLES]
     cols = [*PAPER_COLUMNS, *extra]
     lines = [f"## {title}", "", "| Method | " + " | ".join(COLUMN_TITLES[c] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for name, *vals in PAPER_TABLES.get(table, []):
+    for name, *vals in (paper_rows if paper_rows is not None else PAPER_TABLES.get(table, [])):
         cells = [f"{v:.4f}" for v in vals] + [""] * len(extra)
         lines.append(f"| {name} (paper) | " + " | ".join(cells) + " |")
     lines.append(f"| **{ours_label} (ours)** | " + " | ".join(f"**{ours[c]:.4f}**" if c in ours else "–" for c in cols) + " |")

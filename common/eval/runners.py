@@ -1,5 +1,6 @@
-"""Entry points: score folders of generated images on CustomConcept101 with the Custom Diffusion protocol
-(single and multi-concept) or the MIP-Adapter Concept101 protocol, and write CSV / Markdown / contact sheet.
+"""Generic scoring runner (`evaluate`: score every task folder, write CSV / Markdown / contact sheet), its
+shared flags (`eval_parser`), KID, and the DreamBench entry point. A method's own protocol and paper table
+live in its package (customdiffusion.eval_protocol, mipadapter.eval_protocol).
 
 Sample layout: `<sample_root>/<task>/` holds the images (directly or in `samples/`) and `prompts.json`
 ({image name: prompt}); `<task>` is the concept folder name (`scene_barn`), `<concept1>+<concept2>` for a
@@ -17,7 +18,7 @@ from common.cli import ArgumentParser, parse_args, torch_dtype_from_name
 from common.data import list_images
 from common.errors import UsageError
 from common.eval.cache import DEFAULT_CACHE, FeatureCache
-from common.eval.datasets import DREAMBENCH_TOKEN, Benchmark, Task, load_customconcept101, load_dreambench, strip_tokens
+from common.eval.datasets import DREAMBENCH_TOKEN, Benchmark, Task, load_dreambench
 from common.eval.report import COLUMN_TITLES, save_contact_sheet, summary_markdown, write_csv
 from common.eval.scoring import PROMPTS_FILE, Backbones, TaskScores, mean_over_tasks, read_generated, score_task
 from common.io import atomic_write_json, atomic_write_text
@@ -25,7 +26,8 @@ from common.io import atomic_write_json, atomic_write_text
 METRICS = ("clip_t", "clip_i", "dino", "dinov2", "aesthetic")
 
 
-def _parser(prog: str, description: str) -> ArgumentParser:
+def eval_parser(prog: str, description: str) -> ArgumentParser:
+    """The flags every evaluation script shares (sample/benchmark roots, metrics, backbones, output)."""
     p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--sample_root", required=True,
                    help="folder of generated images: one subfolder per concept/combination with prompts.json")
@@ -38,7 +40,8 @@ def _parser(prog: str, description: str) -> ArgumentParser:
                    help="expected number of images per concept; a different count is an error (default: any)")
     p.add_argument("--metrics", nargs="+", default=["clip_t", "clip_i", "dino"], choices=METRICS,
                    help="metrics to compute")
-    p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name for CLIP-T / CLIP-I")
+    p.add_argument("--clip_model", "--clip", dest="clip_model", default="ViT-B-32",
+                   help="open_clip model name for CLIP-T / CLIP-I; 'toy-clip' for the toy world's trained CLIP")
     p.add_argument("--clip_pretrained", default="openai", help="open_clip pretrained tag or local weights file")
     p.add_argument("--dino_model", default="dino_vits16",
                    help="DINO ViT-S/16: 'dino_vits16' (timm / torch.hub cache) or a local .pth state dict")
@@ -61,6 +64,9 @@ def _parser(prog: str, description: str) -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the KID subset draws")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     return p
+
+
+_parser = eval_parser
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -134,9 +140,11 @@ def evaluate(
     label: str,
     clip_text: Callable[[str], str],
     notes: list[str],
+    paper_rows: Sequence[tuple[str, float, float, float]] | None = None,
 ) -> dict:
     """Score every task folder, write per_concept.csv, per_image.jsonl, summary.md, scores.json and
-    contact_sheet.png under the output folder; returns the summary dict."""
+    contact_sheet.png under the output folder; returns the summary dict. `paper_rows` (method, CLIP-T,
+    CLIP-I, DINO) are printed beside ours (default: report.PAPER_TABLES[table], if any)."""
     sample_root = Path(args.sample_root)
     out = Path(args.output) if args.output else sample_root / "eval"
     pairs = find_task_folders(benchmark, sample_root, args.concepts)
@@ -153,7 +161,7 @@ def evaluate(
              f"{sum(s.n_images for s in scores)} images; reference features: {cache.hits} cached, {cache.misses} computed"]
     if args.tiny_backbones:
         notes.append("TINY RANDOM BACKBONES: these numbers are meaningless (smoke run)")
-    md = summary_markdown(title, table, ours, label, notes=notes)
+    md = summary_markdown(title, table, ours, label, notes=notes, paper_rows=paper_rows)
     write_csv(out / "per_concept.csv", scores)
     lines = [json.dumps({"task": s.task, **row}, ensure_ascii=False) for s in scores for row in s.per_image]
     atomic_write_text(out / "per_image.jsonl", "\n".join(lines) + "\n")
@@ -179,70 +187,6 @@ def _no_generate(args: argparse.Namespace, method: str) -> None:
 
 #: A method's sampler for `--generate`: (args, benchmark) -> None, writing <sample_root>/<task>/ + prompts.json.
 GenerateFn = Callable[[argparse.Namespace, Benchmark], None]
-
-
-def main_customdiffusion(argv: Sequence[str] | None = None, *,
-                         add_generate_args: Callable[[ArgumentParser], None] | None = None,
-                         generate: GenerateFn | None = None) -> dict:
-    """Custom Diffusion's CustomConcept101 protocol: CLIP-T (ViT-B/32 CLIPScore, modifier tokens removed),
-    CLIP-I and DINO (mean of all generated x target pairs), per concept then averaged.
-
-    The method package passes `add_generate_args` / `generate` to serve `--generate` (common/ never imports it).
-    """
-    p = _parser("eval_customdiffusion.py", main_customdiffusion.__doc__.split("\n\n")[0])
-    if add_generate_args is not None:
-        add_generate_args(p)
-    p.add_argument("--multi", action="store_true", help="multi-concept: use dataset_multiconcept.json pairs")
-    p.add_argument("--paper_steps", type=int, default=200, choices=(200, 50),
-                   help="which DDPM-step column of the paper's table to show beside ours")
-    p.add_argument("--kid_real_dir", default=None,
-                   help="real images (e.g. 500 held-out LAION images of the class) for KID; needs --kid_gen_dir")
-    p.add_argument("--kid_gen_dir", default=None, help="images generated from the plain class prompts, for KID")
-    p.add_argument("--inception", default=None,
-                   help="clean-fid inception-2015-12-05.pt for KID (default: torchvision inception_v3 weights)")
-    args = parse_args(p, argv)
-    if generate is None:
-        _no_generate(args, "customdiffusion")
-    if bool(args.kid_real_dir) != bool(args.kid_gen_dir):
-        raise UsageError("KID needs both --kid_real_dir and --kid_gen_dir")
-    bench = load_customconcept101(args.benchmark_root, multi=args.multi)
-    if args.generate:
-        generate(args, bench)
-    kind = "multi" if args.multi else "single"
-    if args.kid_real_dir:
-        kid_argv = ["--real_dir", args.kid_real_dir, "--gen_dir", args.kid_gen_dir, "--seed", str(args.seed)]
-        kid_argv += (["--inception", args.inception] if args.inception else [])
-        kid_argv += (["--device", args.device] if args.device else [])
-        kid_argv += (["--tiny_backbones"] if args.tiny_backbones else [])
-        kid_result = kid_main(kid_argv)
-    result = evaluate(
-        args, bench, table=f"customdiffusion-{kind}-{args.paper_steps}",
-        title=f"CustomConcept101 {kind}-concept (Custom Diffusion protocol, paper at {args.paper_steps} steps)",
-        label="Custom Diffusion", clip_text=strip_tokens,
-        notes=["CLIP-T = 2.5 * max(cos, 0) with modifier tokens (<new1>, ...) removed from the prompt",
-               "CLIP-I / DINO: mean of the generated x reference cosine matrix"
-               + (", averaged over both concepts" if args.multi else "")],
-    )
-    if args.kid_real_dir:
-        result["kid"] = kid_result
-        out = Path(args.output) if args.output else Path(args.sample_root) / "eval"
-        atomic_write_json(out / "scores.json", result)
-    return result
-
-
-def main_mipadapter(argv: Sequence[str] | None = None) -> dict:
-    """MIP-Adapter's Concept101 protocol: per combination CLIP-T (ViT-B/32 CLIPScore), CLIP-I and DINO averaged
-    over both concepts, then the plain mean over combinations (Table 1)."""
-    p = _parser("eval_mipadapter.py", main_mipadapter.__doc__)
-    args = parse_args(p, argv)
-    _no_generate(args, "mipadapter")
-    bench = load_customconcept101(args.benchmark_root, multi=True)
-    return evaluate(
-        args, bench, table="mipadapter-table1", title="Concept101 multi-concept (MIP-Adapter Table 1)",
-        label="MIP-Adapter", clip_text=lambda s: s,
-        notes=["CLIP-T text = the prompts.json entry as saved (MIP-Adapter stores the prompt with a final '.')",
-               "CLIP-I / DINO averaged 0.5/0.5 over the two concepts' uncropped references"],
-    )
 
 
 def main_dreambench(argv: Sequence[str] | None = None) -> dict:
@@ -285,4 +229,5 @@ def kid_main(argv: Sequence[str] | None = None) -> dict:
     return {"kid": res.mean, "kid_std": res.std, "subset_size": res.subset_size, "backbone": ext.name}
 
 
-__all__ = ["COLUMN_TITLES", "build_backbones", "evaluate", "kid_main", "main_customdiffusion", "main_mipadapter"]
+__all__ = ["COLUMN_TITLES", "build_backbones", "eval_parser", "evaluate", "find_task_folders", "kid_main",
+           "main_dreambench"]

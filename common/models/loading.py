@@ -71,6 +71,13 @@ def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
         raise _offline_hint(spec, err) from err
 
 
+def _is_toy_folder(spec: str) -> bool:
+    """True for the trained toy-world presets' folders (assets/toyworld)."""
+    from common.models.presets import TOYWORLD_DIR
+
+    return os.path.abspath(spec).startswith(str(TOYWORLD_DIR))
+
+
 def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, **kwargs: Any) -> DiffusionPipeline:
     """A diffusers pipeline from a preset (`tiny-sd`, `sd14`, ...), a hub id or a local folder.
@@ -93,6 +100,8 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
             pipe = pipe.to(dtype=torch_dtype)
     else:
         cls = pipeline_cls or DiffusionPipeline
+        if torch_dtype is None and _is_toy_folder(spec):
+            torch_dtype = torch.float32  # toy weights are stored in fp16 (to stay small) but run in fp32
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         pipe = _from_pretrained(cls, spec, **kwargs)

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+#: trained toy-world weights shipped in the repo (common/toyworld, scripts/train_toyworld.py); the toy presets'
+#: "hub id" is this local folder
+TOYWORLD_DIR = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
 
 
 @dataclass(frozen=True)
@@ -12,6 +17,7 @@ class Preset:
     family: str
     hub_id: str | None = None  # None for tiny presets (built by common.models.tiny)
     note: str = ""
+    subfolder: str | None = None  # where in the hub repo the model lives (image encoders inside h94/IP-Adapter)
 
 
 PRESETS: dict[str, Preset] = {
@@ -37,10 +43,20 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-if", "if", note="random weights, DeepFloyd IF stage I layout (pixels, 6-channel output)"),
         Preset("tiny-if-sr", "if-sr", note="random weights, DeepFloyd IF stage II layout"),
         Preset("tiny-controlnet", "controlnet", note="random weights, ControlNet for tiny-sd"),
+        Preset("toy-sd", "sd", str(TOYWORLD_DIR / "toy-sd"),
+               "trained toy world (assets/toyworld): 32x32 shape scenes, samples on a CPU in seconds"),
+        Preset("toy-clip", "clip", str(TOYWORLD_DIR / "toy-clip"),
+               "toy world CLIPModel (32x32 scenes): the judge of the toy-world effect tests"),
+        Preset("clip-vit-h-14", "image-encoder", "h94/IP-Adapter", "OpenCLIP ViT-H/14 (IP-Adapter plus, MIP sdxl_plus)",
+               subfolder="models/image_encoder"),
+        Preset("clip-vit-bigg-14", "image-encoder", "h94/IP-Adapter", "OpenCLIP ViT-bigG/14 (IP-Adapter SDXL, MIP sdxl)",
+               subfolder="sdxl_models/image_encoder"),
+        Preset("tiny-clip-vision-h", "image-encoder", note="random weights, stands in for ViT-H/14"),
+        Preset("tiny-clip-vision-g", "image-encoder", note="random weights, stands in for ViT-bigG/14"),
     ]
 }
 
-HUB_TO_PRESET = {p.hub_id: p for p in PRESETS.values() if p.hub_id}
+HUB_TO_PRESET = {p.hub_id: p for p in PRESETS.values() if p.hub_id and not p.subfolder}
 
 
 def get_preset(name: str) -> Preset | None:

@@ -24,6 +24,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import PreTrainedModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from common.models.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
@@ -149,9 +150,27 @@ def tiny_controlnet() -> ControlNetModel:
     return ControlNetModel.from_unet(_sd_unet(), conditioning_embedding_out_channels=(8, 8, 8, 8))
 
 
+def _tiny_clip_vision(hidden: int, projection_dim: int) -> CLIPVisionModelWithProjection:
+    """A CLIP image encoder with the real class (pooled projection + hidden states), 28x28 input, patch 14."""
+    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=37, projection_dim=projection_dim, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=28, patch_size=14, hidden_act="gelu")
+    return CLIPVisionModelWithProjection(cfg)
+
+
+def tiny_clip_vision_h() -> CLIPVisionModelWithProjection:
+    """Stands in for OpenCLIP ViT-H/14 (hidden 1280 > projection 1024): hidden 32, projection 16."""
+    return _tiny_clip_vision(32, 16)
+
+
+def tiny_clip_vision_g() -> CLIPVisionModelWithProjection:
+    """Stands in for OpenCLIP ViT-bigG/14 (hidden 1664, projection 1280): hidden 40, projection 24."""
+    return _tiny_clip_vision(40, 24)
+
+
 BUILDERS = {
     "tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-flux": tiny_flux, "tiny-if": tiny_if,
     "tiny-if-sr": tiny_if_sr, "tiny-controlnet": tiny_controlnet,
+    "tiny-clip-vision-h": tiny_clip_vision_h, "tiny-clip-vision-g": tiny_clip_vision_g,
 }
 
 

@@ -17,7 +17,7 @@ from common.models.loading import pipeline_family
 from common.pipelines.denoisers import ControlSpec, FluxDenoiser, UNetDenoiser
 from common.pipelines.latents import decode_latents
 from common.pipelines.loop import Hook, sample
-from common.pipelines.prompts import PromptEmbeds, encode_prompt
+from common.pipelines.conditioning import Conditioning, build_conditioning, split_image_embeds
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SamplingSetup:
     denoiser: Any
     timesteps: torch.Tensor
     extra_step_kwargs: dict[str, Any]
-    prompts: PromptEmbeds
+    prompts: Conditioning
     height: int
     width: int
     info: dict[str, Any] = field(default_factory=dict)
@@ -70,62 +70,117 @@ def prepare(pipe, prompt: str | list[str], negative_prompt: str | list[str] | No
             num_images_per_prompt: int = 1, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
             control: ControlSpec | None = None, cross_attention_kwargs: dict[str, Any] | None = None,
             max_sequence_length: int | None = None, latents: torch.Tensor | None = None,
-            image: torch.Tensor | None = None, noise_level: int = 250) -> SamplingSetup:
+            image: torch.Tensor | None = None, noise_level: int = 250,
+            ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+            attention: dict[str, Any] | None = None) -> SamplingSetup:
     """Encode prompts, draw x_T exactly as diffusers does, build the denoiser and the timesteps.
 
     IF stage II (`if-sr`) also takes the stage-I `image` [B, 3, h, w] in [-1, 1], upscaled bilinearly and
     noised to `noise_level` as diffusers does. `guidance_scale=None` takes the pipeline's own default
-    (SD 7.5, SDXL 5.0, FLUX 3.5 distilled guidance, IF 7.0).
+    (SD 7.5, SDXL 5.0, FLUX 3.5 distilled guidance, IF 7.0). `ip_adapter_image_embeds`: diffusers' layout
+    (one entry per loaded IP-Adapter, [negative; positive] rows when CFG is on); `attention`: per-call
+    attention state for the processors (`Conditioning.attention`, e.g. {"plan": AttentionPlan}).
     """
     family = pipeline_family(pipe)
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(pipe)
-    device = pipe._execution_device
     dh, dw = default_size(pipe)
-    height, width = height or dh, width or dw
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    batch = len(prompts) * num_images_per_prompt
-    if family == "flux":
-        do_cfg = true_cfg_scale > 1.0 and negative_prompt is not None
-        embeds = encode_prompt(pipe, prompts, negative_prompt, do_cfg=do_cfg, device=device,
-                               num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
-        x_T, ids = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, height, width,
-                                        embeds.embeds.dtype, device, generator, latents)
-        timesteps = _flux_timesteps(pipe, num_inference_steps, x_T.shape[1], device)
-        denoiser = FluxDenoiser(pipe.transformer, embeds, ids, guidance_scale, true_cfg_scale=true_cfg_scale,
-                                joint_attention_kwargs=cross_attention_kwargs)
-        return SamplingSetup(family, x_T, denoiser, timesteps, {}, embeds, height, width, {"latent_ids": ids})
+    run = _Run(pipe, family, [prompt] if isinstance(prompt, str) else list(prompt), negative_prompt,
+               num_inference_steps, guidance_scale, height or dh, width or dw, generator, eta, num_images_per_prompt,
+               guidance_rescale, true_cfg_scale, control, cross_attention_kwargs, max_sequence_length, latents,
+               image, noise_level, ip_adapter_image_embeds, attention)
+    return SAMPLING_SETUPS.get(family, _prepare_unet)(run)
 
-    do_cfg = guidance_scale > 1.0
-    embeds = encode_prompt(pipe, prompts, negative_prompt, do_cfg=do_cfg, device=device,
-                           num_images_per_prompt=num_images_per_prompt)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+
+@dataclass
+class _Run:
+    """The arguments of one `prepare` call, handed to the family's setup function."""
+
+    pipe: Any
+    family: str
+    prompts: list[str]
+    negative_prompt: str | list[str] | None
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    generator: torch.Generator | None
+    eta: float
+    num_images_per_prompt: int
+    guidance_rescale: float
+    true_cfg_scale: float
+    control: ControlSpec | None
+    cross_attention_kwargs: dict[str, Any] | None
+    max_sequence_length: int | None
+    latents: torch.Tensor | None
+    image: torch.Tensor | None
+    noise_level: int
+    ip_adapter_image_embeds: list[torch.Tensor] | None
+    attention: dict[str, Any] | None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    def conditioning(self, do_cfg: bool) -> Conditioning:
+        images = negatives = None
+        if self.ip_adapter_image_embeds is not None:
+            images, negatives = split_image_embeds(self.ip_adapter_image_embeds, self.batch, do_cfg)
+        return build_conditioning(self.pipe, self.prompts, self.negative_prompt, do_cfg=do_cfg,
+                                  device=self.pipe._execution_device, num_images_per_prompt=self.num_images_per_prompt,
+                                  max_sequence_length=self.max_sequence_length, height=self.height, width=self.width,
+                                  image_embeds=images, negative_image_embeds=negatives, attention=self.attention)
+
+
+def _prepare_flux(run: _Run) -> SamplingSetup:
+    pipe, device = run.pipe, run.pipe._execution_device
+    do_cfg = run.true_cfg_scale > 1.0 and run.negative_prompt is not None
+    cond = run.conditioning(do_cfg)
+    x_T, ids = pipe.prepare_latents(run.batch, pipe.transformer.config.in_channels // 4, run.height, run.width,
+                                    cond.embeds.dtype, device, run.generator, run.latents)
+    timesteps = _flux_timesteps(pipe, run.num_inference_steps, x_T.shape[1], device)
+    denoiser = FluxDenoiser(pipe.transformer, cond, ids, run.guidance_scale, true_cfg_scale=run.true_cfg_scale,
+                            joint_attention_kwargs=run.cross_attention_kwargs)
+    return SamplingSetup(run.family, x_T, denoiser, timesteps, {}, cond, run.height, run.width, {"latent_ids": ids})
+
+
+def _prepare_unet(run: _Run) -> SamplingSetup:
+    pipe, device = run.pipe, run.pipe._execution_device
+    do_cfg = run.guidance_scale > 1.0
+    cond = run.conditioning(do_cfg)
+    pipe.scheduler.set_timesteps(run.num_inference_steps, device=device)
     timesteps = pipe.scheduler.timesteps
-    dtype = embeds.embeds.dtype
-    concat, class_labels = None, None
-    if family in ("if", "if-sr"):
-        channels = pipe.unet.config.in_channels // (2 if family == "if-sr" else 1)
-        x_T = pipe.prepare_intermediate_images(batch, channels, height, width, dtype, device,
-                                               generator) if latents is None else latents
-        if family == "if-sr":
-            concat, class_labels = _if_sr_condition(pipe, image, num_images_per_prompt, height, width, noise_level,
-                                                    generator, do_cfg)
-    else:
-        x_T = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generator,
-                                   latents)
-    added = None
-    if family == "sdxl":
-        proj_dim = pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype,
-                                          text_encoder_projection_dim=proj_dim).to(device).repeat(batch, 1)
-        pooled = embeds.cfg().pooled if do_cfg else embeds.pooled
-        added = {"text_embeds": pooled, "time_ids": torch.cat([time_ids, time_ids]) if do_cfg else time_ids}
-    denoiser = UNetDenoiser(pipe.unet, pipe.scheduler, embeds, guidance_scale, guidance_rescale=guidance_rescale,
-                            added_cond_kwargs=added, cross_attention_kwargs=cross_attention_kwargs,
-                            control=control, num_steps=len(timesteps), concat_inputs=concat,
+    x_T, concat, class_labels = _INITIAL_STATE.get(run.family, _latent_state)(run, cond.embeds.dtype, do_cfg)
+    denoiser = UNetDenoiser(pipe.unet, pipe.scheduler, cond, run.guidance_scale,
+                            guidance_rescale=run.guidance_rescale, cross_attention_kwargs=run.cross_attention_kwargs,
+                            control=run.control, num_steps=len(timesteps), concat_inputs=concat,
                             class_labels=class_labels)
-    extra = pipe.prepare_extra_step_kwargs(generator, eta)
-    return SamplingSetup(family, x_T, denoiser, timesteps, extra, embeds, height, width)
+    extra = pipe.prepare_extra_step_kwargs(run.generator, run.eta)
+    return SamplingSetup(run.family, x_T, denoiser, timesteps, extra, cond, run.height, run.width)
+
+
+def _latent_state(run: _Run, dtype, do_cfg):
+    pipe = run.pipe
+    x_T = pipe.prepare_latents(run.batch, pipe.unet.config.in_channels, run.height, run.width, dtype,
+                               pipe._execution_device, run.generator, run.latents)
+    return x_T, None, None
+
+
+def _if_state(run: _Run, dtype, do_cfg):
+    pipe = run.pipe
+    channels = pipe.unet.config.in_channels // (2 if run.family == "if-sr" else 1)
+    x_T = run.latents if run.latents is not None else pipe.prepare_intermediate_images(
+        run.batch, channels, run.height, run.width, dtype, pipe._execution_device, run.generator)
+    if run.family != "if-sr":
+        return x_T, None, None
+    concat, class_labels = _if_sr_condition(pipe, run.image, run.num_images_per_prompt, run.height, run.width,
+                                            run.noise_level, run.generator, do_cfg)
+    return x_T, concat, class_labels
+
+
+#: family -> how its run is set up (default: a UNet on latents); family -> its initial state x_T
+SAMPLING_SETUPS = {"flux": _prepare_flux}
+_INITIAL_STATE = {"if": _if_state, "if-sr": _if_state}
 
 
 def _if_sr_condition(pipe, image, num_images_per_prompt, height, width, noise_level, generator, do_cfg):

@@ -4,10 +4,12 @@ from common.train.checkpoints import checkpoint_step, list_checkpoints
 from common.train.method import TrainingMethod, compute_dtype
 from common.train.optim import scaled_learning_rate
 from common.train.rng import ItemSeededDataset, isolated_rng
+from common.train.steps import StepIndex, split_step_index
 from common.train.trainer import Trainer
 
 __all__ = [
     "ItemSeededDataset",
+    "StepIndex",
     "Trainer",
     "TrainingMethod",
     "add_training_args",
@@ -16,4 +18,5 @@ __all__ = [
     "isolated_rng",
     "list_checkpoints",
     "scaled_learning_rate",
+    "split_step_index",
 ]

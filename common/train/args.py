@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from common.cli import nonnegative_int, positive_int
+
 # The schedules of `diffusers.optimization.get_scheduler` that need no extra arguments.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -21,25 +23,36 @@ def _flags() -> dict[str, dict[str, Any]]:
             help="where checkpoints, logs, validation images and the final weights are written",
         ),
         "seed": dict(type=int, default=42, help="seed for reproducible training (model init, data order, noise)"),
-        "train_batch_size": dict(type=int, default=4, help="batch size per device for the training dataloader"),
-        "num_train_epochs": dict(type=int, default=1, help="epochs to train; ignored when --max_train_steps is set"),
+        "overwrite_output_dir": dict(
+            action="store_true",
+            help="start over in an --output_dir that holds an earlier run, deleting its checkpoints (without it, "
+            "such a folder is refused unless you resume)",
+        ),
+        "train_batch_size": dict(
+            type=positive_int, default=4, help="batch size per device for the training dataloader",
+        ),
+        "num_train_epochs": dict(
+            type=positive_int, default=1, help="epochs to train; ignored when --max_train_steps is set",
+        ),
         "max_train_steps": dict(
-            type=int, default=None, help="total optimizer steps; overrides --num_train_epochs when given",
+            type=positive_int, default=None, help="total optimizer steps; overrides --num_train_epochs when given",
         ),
         "checkpointing_steps": dict(
-            type=int, default=250,
+            type=nonnegative_int, default=250,
             help="save a resumable checkpoint (output_dir/checkpoint-N) every N optimizer steps; 0 disables",
         ),
         "checkpoints_total_limit": dict(
-            type=int, default=None, help="keep at most this many checkpoints, deleting the oldest; None keeps all",
+            type=positive_int, default=None,
+            help="keep at most this many checkpoints, deleting the oldest; None keeps all",
         ),
         "resume_from_checkpoint": dict(
             type=str, default=None,
             help='resume from a checkpoint folder, or "latest" for the newest checkpoint in --output_dir '
-            "(starts fresh when there is none)",
+            "(starts fresh when there is none; refused when the folder holds results but no checkpoint)",
         ),
         "gradient_accumulation_steps": dict(
-            type=int, default=1, help="micro-batches whose gradients are accumulated before each optimizer step",
+            type=positive_int, default=1,
+            help="micro-batches whose gradients are accumulated before each optimizer step",
         ),
         "gradient_checkpointing": dict(
             action="store_true", help="trade compute for memory by recomputing activations in the backward pass",
@@ -50,7 +63,7 @@ def _flags() -> dict[str, dict[str, Any]]:
             help="multiply the learning rate by gradient accumulation steps x batch size x number of processes",
         ),
         "dataloader_num_workers": dict(
-            type=int, default=2, help="data loading subprocesses; 0 loads in the main process",
+            type=nonnegative_int, default=2, help="data loading subprocesses; 0 loads in the main process",
         ),
         "lr_scheduler": dict(type=str, default="constant", choices=LR_SCHEDULERS, help="learning rate schedule"),
         "lr_warmup_steps": dict(type=int, default=500, help="optimizer steps of linear lr warmup"),
@@ -75,7 +88,7 @@ def _flags() -> dict[str, dict[str, Any]]:
             help="mixed precision; None uses the accelerate config or `accelerate launch --mixed_precision`",
         ),
         "validation_steps": dict(
-            type=int, default=50, help="run the method's validation every N optimizer steps; 0 disables",
+            type=nonnegative_int, default=50, help="run the method's validation every N optimizer steps; 0 disables",
         ),
         "set_grads_to_none": dict(
             action="store_true", help="zero gradients by setting them to None, which saves memory",

@@ -23,8 +23,11 @@ class TrainingMethod(abc.ABC):
        The keys of `modules()` are attribute names of the method: the Trainer assigns each prepared (under
        DDP wrapped) module back to that attribute, so `loss` must call `self.<name>(...)` for gradients to be
        synchronised across processes.
-    3. Per micro-batch: `loss(batch, accelerator)`, backward, then `after_backward()` (e.g. to zero the
-       gradients of embeddings that must not train), then clipping and the optimizer step.
+    3. Per optimizer step: `on_step_start(step)` (main-loop state only; loader workers never see it), then
+       per micro-batch: `loss(batch, accelerator)`, backward, then `after_backward()` (e.g. to zero the
+       gradients of embeddings that must not train), then clipping and the optimizer step. A dataset whose
+       items depend on the step sets `wants_step = True` and receives `StepIndex(index, step)` in
+       `__getitem__` (common.train.steps; right with loader workers and after exact resume).
     4. `validate(step)` on the main process every `--validation_steps`, under no_grad with the random state
        saved and restored, so validating never changes the training run. Use unwrapped modules there
        (`accelerator.unwrap_model`): a DDP forward on one process alone can wait forever for the others.
@@ -50,12 +53,19 @@ class TrainingMethod(abc.ABC):
         """Parameters, or optimizer param groups (a group's own "lr" is scaled like `--learning_rate`)."""
 
     @abc.abstractmethod
-    def loss(self, batch: Any, accelerator: Accelerator) -> torch.Tensor:
-        """Scalar training loss of one micro-batch."""
+    def loss(self, batch: Any, accelerator: Accelerator) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Scalar training loss of one micro-batch, or (loss, {name: float or scalar tensor}).
+
+        The named parts are averaged over the step's micro-batches and the processes (every process must
+        return the same names) and shown in the progress bar and sent to the trackers beside "loss" and "lr".
+        """
 
     @abc.abstractmethod
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """The trained weights in the method's own checkpoint key layout."""
+
+    def on_step_start(self, step: int) -> None:
+        """Called before the first micro-batch of each optimizer step; `step` = optimizer steps done so far."""
 
     def after_backward(self) -> None:
         """Edit gradients after each backward pass, before clipping and the optimizer step."""

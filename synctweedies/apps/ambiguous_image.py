@@ -1,26 +1,28 @@
 """Ambiguous images: DeepFloyd IF stage I then stage II, each a synchronized run over the views.
 
 Pixel space is required (views are pixel permutations / negation, which a VAE latent would not commute
-with). Stage II is conditioned, per view, on the view of the upscaled, noise-augmented stage-I canonical.
+with). Stage II conditions each view on its own upscaled stage-I view, no noise added, class label
+--stage2_noise_level (the original); --stage2_condition canonical conditions every view on the view of one
+noise-augmented upscaled stage-I canonical instead.
 """
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from common.errors import UsageError
-from common.io import atomic_save_image, atomic_write_text
+from common.io import atomic_save_image
 from common.models.adapters import apply_adapters
 from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.loop import Hook, StepState
 from common.pipelines.text2image import prepare, to_pil
 from synctweedies.anagram import StackProjection, ViewProjection
 from synctweedies.outputs import make_save_dir, morph_frames, save_gif, save_images, sheet
-from synctweedies.runtime import device_of, dtype_of, seed_everything
+from synctweedies.registry import register_app
+from synctweedies.runtime import finish_run, start_run
 from synctweedies.sampler import SyncOptions, sync_sample
 from synctweedies.views import get_views
 
@@ -43,9 +45,18 @@ def load_stages(args: argparse.Namespace, device, dtype):
     return one, two
 
 
-def make_projection(args: argparse.Namespace, views, size: int):
+def apply_as_original(args: argparse.Namespace) -> None:
+    """--as_original: every listed difference switched to the original's behaviour."""
+    if args.as_original:
+        args.x0_thresholding, args.inverse_warm_start = "off", "noise"
+        args.inverse_lr_schedule, args.stack_noise_scale = "constant", "one"
+
+
+def make_projection(args: argparse.Namespace, views, size: int, generator: torch.Generator | None = None):
     if args.optimize_inverse_mapping:
-        return StackProjection(views, size, args.num_of_zs, args.iterations, args.lr)
+        return StackProjection(views, size, args.num_of_zs, args.iterations, args.lr,
+                               warm_start=args.inverse_warm_start, lr_schedule=args.inverse_lr_schedule,
+                               noise_scale=args.stack_noise_scale, generator=generator)
     return ViewProjection(views, size)
 
 
@@ -60,28 +71,36 @@ class PreviewHook(Hook):
             self.previews.append((state.i, _canonical_image(self.projection, self.projection.inverse(state.x0))))
 
 
-def run_stage(pipe, projection, prompts, args, generator, *, image=None, cond_canonical=None):
-    """One synchronized IF stage. Returns (SyncResult, previews)."""
+def run_stage(pipe, projection, prompts, args, generator, *, image=None, condition=None):
+    """One synchronized IF stage. Returns (SyncResult, previews). Stage II: `image` [N, 3, s, s] the stage-I
+    views, `condition` [N, 3, S, S] what each view's UNet input is concatenated with."""
     family = pipeline_family(pipe)
     size = pipe.unet.config.sample_size
     setup = prepare(pipe, prompts, None, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, height=size, width=size, generator=generator,
                     image=image, noise_level=args.stage2_noise_level)
-    if family == "if-sr":  # condition each view on the view of one noised upscaled canonical
-        setup.denoiser.concat_inputs = cond_canonical
+    if family == "if-sr":
+        setup.denoiser.concat_inputs = condition.to(setup.x_T.dtype)
     x_T = setup.x_T
     if args.initialize_same_xt:
         x_T = x_T[:1].expand_as(x_T).clone()
-    options = SyncOptions(args.case_num, 1.0, args.initialize_xt_from_zt, args.sampling_method, args.eta)
+    options = SyncOptions(args.case_num, 1.0, args.initialize_xt_from_zt, args.sampling_method, args.eta,
+                          threshold_x0=args.x0_thresholding == "scheduler")
     preview = PreviewHook(projection, args.log_step)
     result = sync_sample(setup.denoiser, pipe.scheduler, projection, options=options, timesteps=setup.timesteps,
                          x_T=x_T, generator=generator, hooks=[preview], progress=not args.no_progress)
     return result, preview.previews
 
 
-def stage2_condition(pipe, canonical_image: torch.Tensor, views, size: int, noise_level: int,
-                     generator) -> torch.Tensor:
-    """views of add_noise(upscale(canonical)): [N, 3, size, size]; canonical [1, 3, s, s] in [-1, 1]."""
+def stage2_condition(pipe, stage1_views: torch.Tensor, canonical_image: torch.Tensor, views, size: int,
+                     noise_level: int, generator, mode: str = "own_view") -> torch.Tensor:
+    """What stage II's views are conditioned on: [N, 3, size, size].
+
+    own_view (the original): upscale(stage-I view i), bilinear, no noise. canonical: the views of
+    add_noise(upscale(stage-I canonical), noise_level). stage1_views [N, 3, s, s], canonical [1, 3, s, s].
+    """
+    if mode == "own_view":
+        return F.interpolate(stage1_views, (size, size), mode="bilinear", align_corners=True)
     up = F.interpolate(canonical_image, (size, size), mode="bilinear", align_corners=True)
     noise = randn_tensor(up.shape, generator=generator, device=up.device, dtype=up.dtype)
     levels = torch.tensor([noise_level], device=up.device)
@@ -89,6 +108,7 @@ def stage2_condition(pipe, canonical_image: torch.Tensor, views, size: int, nois
     return ViewProjection(views, size).forward(up)
 
 
+@register_app("ambiguous_image")
 def run(args: argparse.Namespace) -> dict:
     views = get_views(args.views_names, args.rotate_angle)
     if len(args.prompts) != len(views):
@@ -96,38 +116,48 @@ def run(args: argparse.Namespace) -> dict:
                          "--views_names entry")
     if args.optimize_inverse_mapping and args.num_of_zs < 1:
         raise UsageError("--num_of_zs must be at least 1")
-    device = device_of(args)
-    dtype = dtype_of(args, device)
-    generator = seed_everything(args.seed)
+    apply_as_original(args)
+    run_start = start_run(args, args.save_top_dir, args.tag)
+    generator = run_start.generator
+    one, two = load_stages(args, run_start.device, run_start.dtype)
     out = make_save_dir(args.save_top_dir, args.tag, args.save_dir_now)
-    one, two = load_stages(args, device, dtype)
     for p in (one, two):
         if p is not None:
             p.set_progress_bar_config(disable=True)
     prompts = [f"{args.style} {p}".strip() for p in args.prompts]
     s1 = one.unet.config.sample_size
-    proj1 = make_projection(args, views, s1)
+    proj1 = make_projection(args, views, s1, generator)
     res1, previews = run_stage(one, proj1, prompts, args, generator)
-    canonical = _canonical_image(proj1, res1.canonical)
-    shown = proj1.forward(res1.canonical).clamp(-1, 1)
+    canonical, stage1 = readout(proj1, views, s1, res1)
+    shown = stage1.clamp(-1, 1)
     save_images(shown, out, "stage1_view_{}.png")
     for i, img in previews:
         save_images(img.clamp(-1, 1), out, f"stage1_step{i:03d}_canonical{{}}.png")
     final_views, final_canonical = shown, canonical
     if two is not None:
         s2 = two.unet.config.sample_size
-        proj2 = make_projection(args, views, s2)
-        cond = stage2_condition(two, canonical, views, s2, args.stage2_noise_level, generator)
-        res2, _ = run_stage(two, proj2, prompts, args, generator, image=shown, cond_canonical=cond)
-        final_views = proj2.forward(res2.canonical).clamp(-1, 1)
-        final_canonical = _canonical_image(proj2, res2.canonical)
+        proj2 = make_projection(args, views, s2, generator)
+        cond = stage2_condition(two, stage1, canonical, views, s2, args.stage2_noise_level, generator,
+                                args.stage2_condition)
+        res2, _ = run_stage(two, proj2, prompts, args, generator, image=shown, condition=cond)
+        final_canonical, final_views = readout(proj2, views, s2, res2)
+        final_views = final_views.clamp(-1, 1)
     paths = save_images(final_views, out, "view_{}.png")
     atomic_save_image(to_pil(final_canonical.clamp(-1, 1))[0], out / "final.png")
     atomic_save_image(sheet(final_views), out / "sheet.png")
     save_gif(morph_frames(final_canonical[0].clamp(-1, 1).float().cpu(), views), out / "morph.gif")
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    print(f"wrote {out} ({len(paths)} views, final.png, sheet.png, morph.gif)")
+    finish_run(out, args, f"{out} ({len(paths)} views, final.png, sheet.png, morph.gif)")
     return {"dir": out, "views": final_views, "canonical": final_canonical}
+
+
+def readout(projection, views, size: int, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """(canonical [1, 3, s, s], views f(g(X_0)) [N, 3, s, s]). n-to-1 reads out as the original does: the plain
+    mean of the inverse views of X_0 (no optimisation), shown through every view."""
+    if isinstance(projection, StackProjection):
+        plain = ViewProjection(views, size)
+        z = plain.inverse(result.instances)
+        return z, plain.forward(z)
+    return result.canonical, projection.forward(result.canonical)
 
 
 def _canonical_image(projection, z: torch.Tensor) -> torch.Tensor:

@@ -6,20 +6,17 @@ import argparse
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
 from common.errors import UsageError
 from common.io import atomic_save_image
-from common.models.adapters import apply_adapters
-from common.models.loading import load_controlnet, load_pipeline, pipeline_family
-from common.models.presets import is_tiny
 from common.pipelines.denoisers import ControlSpec
 from common.pipelines.latents import decode_latents, encode_images
 from common.pipelines.loop import Hook, StepState
-from common.pipelines.text2image import use_ddim
+from synctweedies.apps.loading import load_sd
 from synctweedies.apps.panorama import scale_schedule
 from synctweedies.apps.wide_image import unet_multiple
 from synctweedies.outputs import sheet
+from synctweedies.runtime import derived_rgb_size
 
 CONTROLNETS = {"depth": "controlnet-depth-sd15", "normal": "lllyasviel/control_v11p_sd15_normalbae"}
 
@@ -35,22 +32,11 @@ LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158
 
 def load_control_pipeline(args: argparse.Namespace, device, dtype):
     """SD 1.5 + a ControlNet for --cond_type (--model controlnet), or a preset (tiny-sd pairs with tiny-controlnet),
-    with DDIM timesteps, the --adapters applied, and --latent_view_size / --rgb_view_size checked against it."""
-    from diffusers import StableDiffusionControlNetPipeline
-
-    spec = args.sd_path if args.model == "controlnet" else args.model
-    cn_spec = "tiny-controlnet" if is_tiny(spec) else (args.controlnet_path or CONTROLNETS[args.cond_type])
-    controlnet = load_controlnet(cn_spec, torch_dtype=dtype).to(device)
-    pipe = load_pipeline(spec, StableDiffusionControlNetPipeline, torch_dtype=dtype, device=device,
-                         controlnet=controlnet)
-    if pipeline_family(pipe) != "sd":
-        raise UsageError(f"--app {args.app} needs a Stable Diffusion 1.x/2.x model, got {spec}")
-    apply_adapters(pipe, args.adapters)
-    use_ddim(pipe, keep=(DDPMScheduler,))  # DDIM timesteps for the synchronised steps
-    factor = pipe.vae_scale_factor
-    if args.rgb_view_size != args.latent_view_size * factor:
-        raise UsageError(f"--rgb_view_size ({args.rgb_view_size}) must be --latent_view_size "
-                         f"({args.latent_view_size}) x {factor}")
+    with DDIM timesteps, the --adapters applied, and --latent_view_size / --rgb_view_size checked against it
+    (--rgb_view_size derived when left out)."""
+    pipe, controlnet = load_sd(args, device, dtype, original="controlnet", what=f"--app {args.app}",
+                               controlnet=args.controlnet_path or CONTROLNETS[args.cond_type])
+    derived_rgb_size(args, "rgb_view_size", "latent_view_size", pipe.vae_scale_factor)
     if args.latent_view_size % unet_multiple(pipe.unet):
         raise UsageError(f"--latent_view_size must be a multiple of {unet_multiple(pipe.unet)}")
     return pipe, controlnet

@@ -8,39 +8,31 @@ renders.png, control_i.png, optionally intermediate/ previews.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from common.attention.reference import ViewContext
 from common.errors import UsageError
-from common.io import atomic_save_image, atomic_write_text
+from common.io import atomic_save_image
 from common.pipelines.text2image import prepare
 from common.render.cameras import load_blender, load_colmap
 from common.render.gaussians import load_ply, render_gaussians, rgb_to_sh_dc, save_ply
 from common.render.raster.maps import normalize_depth
 from synctweedies.apps.geometry_common import PreviewHook, color_latents, control_spec, load_control_pipeline
-from synctweedies.apps.view_sampling import sample_with_view_attention
+from synctweedies.apps.view_sampling import ring_plan, sample_with_view_attention
 from synctweedies.apps.wide_image import decode_in_chunks
 from synctweedies.cases import get_case
 from synctweedies.gaussian import GaussianProjection, square_cameras
 from synctweedies.outputs import make_save_dir, save_images, sheet
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.registry import register_app
+from synctweedies.runtime import check_fraction, finish_run, start_run
 from synctweedies.sampler import SyncOptions
 
 
 def validate(args: argparse.Namespace) -> None:
     for name in ("mvd_end", "ref_attention_end", "control_guidance_start", "control_guidance_end"):
         check_fraction(name, getattr(args, name))
-    for name in ("steps", "latent_view_size", "rgb_view_size", "total_image_to_use", "max_batch_size",
-                 "views_per_step"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("iterations", "final_iterations"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     for flag in ("enable_opacity", "enable_xyz", "enable_covariance"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} is not supported: this build optimises colours only (geometry stays fixed)")
@@ -65,11 +57,11 @@ def load_cameras(args: argparse.Namespace):
     return cams[:min(args.total_image_to_use, len(cams))]
 
 
+@register_app("gs")
 def run(args: argparse.Namespace) -> dict:
     validate(args)
-    device = device_of(args)
-    dtype = dtype_of(args, device)
-    generator = seed_everything(args.seed)
+    run_start = start_run(args, args.save_top_dir, args.tag)
+    device, dtype, generator = run_start.device, run_start.dtype, run_start.generator
     gaussians = load_ply(args.plyfile).to(device)
     cams = load_cameras(args).to(device)
     n = len(cams)
@@ -99,13 +91,12 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             col, a, _ = render_gaussians(gaussians, lat_cams, z, antialiased=args.antialiased)
         x_T = (col + (1 - a) * x_T.float()).to(x_T.dtype)
-    context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
-                          max_batch=args.max_batch_size)
+    plan = ring_plan(n, args.max_batch_size)
     options = SyncOptions(args.case_num, args.mvd_end, False, args.sampling_method, args.eta)
     hooks = []
     if args.log_interval > 0:
         hooks.append(PreviewHook(out / "intermediate", args.log_interval, pipe.vae, True, args.max_batch_size))
-    result = sample_with_view_attention(pipe, setup, projection, options, context,
+    result = sample_with_view_attention(pipe, setup, projection, options, plan,
                                         ref_attention_end=args.ref_attention_end, x_T=x_T, generator=generator,
                                         hooks=hooks, progress=not args.no_progress)
     with torch.no_grad():
@@ -125,7 +116,6 @@ def run(args: argparse.Namespace) -> dict:
         renders = projection.render_rgb(logits).cpu()  # [N, 3, S, S] in [0, 1]
     save_images(renders * 2 - 1, out, "render_{}.png")
     atomic_save_image(sheet(renders * 2 - 1, pad=2), out / "renders.png")
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    print(f"wrote {out / 'final.ply'} ({len(gaussians)} Gaussians, {n} views)")
+    finish_run(out, args, f"{out / 'final.ply'} ({len(gaussians)} Gaussians, {n} views)")
     return {"dir": out, "colors": rgb.cpu(), "renders": renders, "latent_views": result.instances,
             "canonical": result.canonical}

@@ -7,15 +7,13 @@ rendered), views.png, control_i.png, optionally turntable.gif and intermediate/ 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
 import torch
 
 from common.errors import UsageError
-from common.io import atomic_save_image, atomic_write_text
-from common.pipelines.latents import encode_images
+from common.io import atomic_save_image
 from common.pipelines.loop import Hook, StepState
 from common.pipelines.text2image import prepare
 from common.render.cameras import Cameras, mesh_camera_poses
@@ -24,13 +22,14 @@ from common.render.raster import rasterize
 from common.render.texture import render_texture
 from synctweedies.apps.geometry_common import (COLORS, PreviewHook, color_latents, control_spec, fast_rgb,
                                                load_control_pipeline)
-from common.attention.reference import ViewContext
+from common.attention.plan import AttentionPlan
+from synctweedies.apps.sdedit import sdedit_start
 from synctweedies.apps.view_sampling import sample_with_view_attention
 from synctweedies.apps.wide_image import decode_in_chunks
-from synctweedies.cases import get_case
 from synctweedies.mesh import MeshProjection, control_images, view_graph, view_prompts
 from synctweedies.outputs import make_save_dir, save_gif, save_images, sheet
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.registry import register_app
+from synctweedies.runtime import check_fraction, finish_run, start_run
 from synctweedies.sampler import SyncOptions
 
 DEFAULT_AZIMS = list(range(-180, 180, 45))
@@ -40,13 +39,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("mvd_end", "ref_attention_end", "shuffle_bg_change", "shuffle_bg_end", "control_guidance_start",
                  "control_guidance_end", "sdedit_timestep"):
         check_fraction(name, getattr(args, name))
-    for name in ("steps", "latent_view_size", "latent_tex_size", "rgb_view_size", "rgb_tex_size", "log_height",
-                 "log_width", "max_batch_size"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.mesh_scale <= 0:
         raise UsageError(f"--mesh_scale must be positive, got {args.mesh_scale}")
-    get_case(args.case_num)
 
 
 def camera_poses(args: argparse.Namespace) -> list[tuple[float, float]]:
@@ -105,11 +99,11 @@ class ShuffledBackground(Hook):
         state.x_t = torch.where(self.projection.mask.to(x.device), x, bg)
 
 
+@register_app("mesh")
 def run(args: argparse.Namespace) -> dict:
     validate(args)
-    device = device_of(args)
-    dtype = dtype_of(args, device)
-    generator = seed_everything(args.seed)
+    run_start = start_run(args, args.save_top_dir or "output", args.tag)
+    device, dtype, generator = run_start.device, run_start.dtype, run_start.generator
     mesh = prepare_mesh(args)
     if args.sdedit and mesh.texture is None:
         raise UsageError(f"--sdedit edits an existing texture, but {args.mesh} has none (no map_Kd image)")
@@ -141,14 +135,17 @@ def run(args: argparse.Namespace) -> dict:
                                  args.max_batch_size))
     refs = tuple(i for i, p in enumerate(poses) if p == (0.0, 0.0))[:1] + \
         tuple(i for i, p in enumerate(poses) if p == (0.0, 180.0))[:1]
-    context = ViewContext(num_views=n, reference=refs, max_batch=args.max_batch_size,
-                          graph=tuple(tuple(g) for g in view_graph(poses)))
+    plan = AttentionPlan(num_images=n, reference=refs, max_batch=args.max_batch_size,
+                         graph=tuple(tuple(g) for g in view_graph(poses)))
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
     timesteps, x_T, z_T = setup.timesteps, setup.x_T, None
     if args.sdedit:
-        timesteps, x_T, z_T = sdedit_start(args, pipe, mesh, latent_proj, rgb_proj, setup, generator)
+        timesteps, x_T, z_T = sdedit_start(pipe, texture_views(mesh, rgb_proj, setup.x_T.device), latent_proj, setup,
+                                           generator, sdedit_timestep=args.sdedit_timestep,
+                                           max_batch_size=args.max_batch_size,
+                                           initialize_xt_from_zt=args.initialize_xt_from_zt, case_num=args.case_num)
         options.initialize_xt_from_zt = False  # the start state is made above
-    result = sample_with_view_attention(pipe, setup, latent_proj, options, context,
+    result = sample_with_view_attention(pipe, setup, latent_proj, options, plan,
                                         ref_attention_end=args.ref_attention_end, timesteps=timesteps, x_T=x_T,
                                         z_T=z_T, generator=generator, hooks=hooks, progress=not args.no_progress)
     with torch.no_grad():
@@ -164,8 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         save_texture_preview(out / "latent_texture.png", result, rgb_proj, views, args.tex_fast_preview)
     if args.save_gif:
         save_turntable(out / "turntable.gif", mesh, tex01, args, backend)
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    print(f"wrote {out / 'textured.obj'} (texture {tex01.shape[-1]}x{tex01.shape[-2]}, {n} views)")
+    finish_run(out, args, f"{out / 'textured.obj'} (texture {tex01.shape[-1]}x{tex01.shape[-2]}, {n} views)")
     return {"dir": out, "texture": tex01, "views": rendered, "latent_views": result.instances,
             "latent_texture": result.canonical}
 
@@ -197,21 +193,7 @@ def save_turntable(path: Path, mesh: Mesh, texture: torch.Tensor, args, backend:
     save_gif(to_pil(torch.cat(imgs) * 2 - 1), path)
 
 
-def sdedit_start(args, pipe, mesh: Mesh, latent_proj: MeshProjection, rgb_proj: MeshProjection, setup, generator):
-    """Encode views of the existing texture, noise them to the start step (0 = from x_T, 1 = keep x_0)."""
+def texture_views(mesh: Mesh, rgb_proj: MeshProjection, device) -> torch.Tensor:
+    """The mesh's existing texture rendered into the RGB views over white: [N, 3, S, S] in [-1, 1] (SDEdit)."""
     tex = mesh.texture[:3].float() * 2 - 1
-    views = rgb_proj.forward(tex[None].to(setup.x_T.device), bg=torch.ones(rgb_proj.instance_shape(3),
-                                                                           device=setup.x_T.device))
-    views = views.to(setup.x_T.device, setup.x_T.dtype)
-    with torch.no_grad():
-        x0 = torch.cat([encode_images(pipe.vae, v, generator) for v in views.split(args.max_batch_size)])
-    start = min(int(round(args.sdedit_timestep * len(setup.timesteps))), len(setup.timesteps) - 1)
-    timesteps = setup.timesteps[start:]
-    noise = setup.x_T
-    if args.initialize_xt_from_zt:
-        z = latent_proj.canonical_noise(x0.shape[1], generator, x0.device, x0.dtype)
-        noise = latent_proj.forward(z, bg=setup.x_T)
-    x_t = pipe.scheduler.add_noise(x0, noise, timesteps[0].reshape(1))
-    z_t = latent_proj.inverse(x_t, "latent") if get_case(args.case_num).canonical else None
-    return timesteps, x_t, z_t
-
+    return rgb_proj.forward(tex[None].to(device), bg=torch.ones(rgb_proj.instance_shape(3), device=device))

@@ -7,54 +7,37 @@ view_i.png, crop_i.png (random 60-degree perspective crops) and strip.png (rende
 from __future__ import annotations
 
 import argparse
-import json
 import random
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
-from common.attention.reference import ViewContext
 from common.errors import UsageError
-from common.io import atomic_save_image, atomic_write_text
-from common.models.adapters import apply_adapters
-from common.models.loading import load_controlnet, load_pipeline, pipeline_family
-from common.models.presets import is_tiny
+from common.io import atomic_save_image
 from common.pipelines.denoisers import ControlSpec
-from common.pipelines.latents import encode_images
-from common.pipelines.text2image import prepare, to_pil, use_ddim
+from common.pipelines.text2image import prepare, to_pil
 from common.render.panorama import sample_perspective
-from synctweedies.apps.view_sampling import sample_with_view_attention
+from synctweedies.apps.loading import load_sd
+from synctweedies.apps.sdedit import sdedit_start
+from synctweedies.apps.view_sampling import ring_plan, sample_with_view_attention
+from synctweedies.memory import check_fits, panorama_bytes
 from synctweedies.apps.wide_image import decode_in_chunks
 from synctweedies.cases import get_case
 from synctweedies.decoded import DecodedProjection
 from synctweedies.depth import control_disparity
 from synctweedies.outputs import make_save_dir, save_images, sheet
 from synctweedies.panorama import PanoramaProjection, view_angles
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.registry import register_app
+from synctweedies.runtime import check_fraction, derived_rgb_size, finish_run, start_run
 from synctweedies.sampler import SyncOptions
 
 
 def load_models(args: argparse.Namespace, device, dtype, with_control: bool):
     """SD 1.5 + depth ControlNet (--model controlnet), or a preset (tiny-sd pairs with tiny-controlnet)."""
-    spec = args.sd_path if args.model == "controlnet" else args.model
-    controlnet = None
-    if with_control:
-        from diffusers import StableDiffusionControlNetPipeline
-
-        cn_spec = "tiny-controlnet" if is_tiny(spec) else args.controlnet_path
-        controlnet = load_controlnet(cn_spec, torch_dtype=dtype).to(device)
-        pipe = load_pipeline(spec, StableDiffusionControlNetPipeline, torch_dtype=dtype, device=device,
-                             controlnet=controlnet)
-    else:
-        pipe = load_pipeline(spec, torch_dtype=dtype, device=device)
-    if pipeline_family(pipe) != "sd":
-        raise UsageError(f"panoramas need a Stable Diffusion 1.x/2.x model, got {spec}")
-    apply_adapters(pipe, args.adapters)
-    use_ddim(pipe, keep=(DDPMScheduler,))  # DDIM timesteps for the synchronised steps
-    return pipe, controlnet
+    return load_sd(args, device, dtype, original="controlnet", what="panoramas",
+                   controlnet=args.controlnet_path if with_control else None)
 
 
 def scale_schedule(start: float, end: float):
@@ -67,11 +50,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--FOV must be between 0 and 180 degrees (exclusive), got {args.FOV}")
     for name in ("mvd_end", "ref_attention_end", "control_guidance_start", "control_guidance_end", "sdedit_timestep"):
         check_fraction(name, getattr(args, name))
-    for name in ("canonical_rgb_h", "canonical_rgb_w", "canonical_latent_h", "canonical_latent_w",
-                 "instance_latent_size", "instance_rgb_size", "steps"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive")
-    if args.average_rgb and str(args.case_num) != "2":
+    if args.average_rgb and args.case_num != 2:
         raise UsageError("--average_rgb averages decoded Tweedie estimates: use it with --case_num 2")
     if args.compact_sync and get_case(args.case_num).canonical:
         raise UsageError("--compact_sync needs an instance case (0-3): canonical cases keep the full pano")
@@ -88,18 +67,20 @@ def load_rgb(path: str, h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
+@register_app("panorama")
 def run(args: argparse.Namespace) -> dict:
     validate(args)
-    device = device_of(args)
-    dtype = dtype_of(args, device)
-    generator = seed_everything(args.seed)
+    run_start = start_run(args, args.save_top_dir, args.tag or "panorama")
+    device, dtype, generator = run_start.device, run_start.dtype, run_start.generator
+    latent_hw, rgb_hw = (args.canonical_latent_h, args.canonical_latent_w), (args.canonical_rgb_h, args.canonical_rgb_w)
+    check_fits(panorama_bytes(latent_hw, rgb_hw, 4, dtype, args.compact_sync), device,  # SD: 4 latent channels
+               f"a {latent_hw[1]}x{latent_hw[0]} latent / {rgb_hw[1]}x{rgb_hw[0]} RGB pano",
+               "use smaller --canonical_latent_h/w and --canonical_rgb_h/w")
     angles = view_angles(tuple(args.theta_range), args.theta_interval, tuple(args.phi_range), args.phi_interval)
     depth = control_disparity(args.depth_data_path) if args.depth_data_path else None
     pipe, controlnet = load_models(args, device, dtype, depth is not None)
     factor = pipe.vae_scale_factor
-    if args.instance_rgb_size != args.instance_latent_size * factor:
-        raise UsageError(f"--instance_rgb_size ({args.instance_rgb_size}) must be --instance_latent_size "
-                         f"({args.instance_latent_size}) x {factor}")
+    derived_rgb_size(args, "instance_rgb_size", "instance_latent_size", factor)
     latent_proj = PanoramaProjection(args.canonical_latent_h, args.canonical_latent_w, args.instance_latent_size,
                                      angles, args.FOV, compact_sync=args.compact_sync)
     rgb_proj = PanoramaProjection(args.canonical_rgb_h, args.canonical_rgb_w, args.instance_rgb_size, angles, args.FOV)
@@ -121,11 +102,13 @@ def run(args: argparse.Namespace) -> dict:
         projection = DecodedProjection(rgb_proj, pipe.vae, factor, generator, chunk=args.max_batch_size)
     timesteps, x_T, z_T = setup.timesteps, setup.x_T, None
     if args.sdedit:
-        timesteps, x_T, z_T = sdedit_start(args, pipe, latent_proj, rgb_proj, setup, generator)
+        views = rgb_proj.forward(load_rgb(args.sdedit_image, args.canonical_rgb_h, args.canonical_rgb_w))
+        timesteps, x_T, z_T = sdedit_start(pipe, views, latent_proj, setup, generator,
+                                           sdedit_timestep=args.sdedit_timestep, max_batch_size=args.max_batch_size,
+                                           initialize_xt_from_zt=args.initialize_xt_from_zt, case_num=args.case_num)
         if projection is not latent_proj:
             z_T = None
-    context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
-                          max_batch=args.max_batch_size)
+    plan = ring_plan(n, args.max_batch_size)
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
     if args.average_rgb and args.initialize_xt_from_zt and not args.sdedit:
         # the decoded projection's canonical is an RGB pano: draw the shared noise on the latent pano instead
@@ -133,33 +116,15 @@ def run(args: argparse.Namespace) -> dict:
         x_T = latent_proj.forward(noise, bg=x_T)
     if args.sdedit or args.average_rgb:
         options.initialize_xt_from_zt = False  # the start state is made above; do not redraw it from z_T
-    result = sample_with_view_attention(pipe, setup, projection, options, context,
+    result = sample_with_view_attention(pipe, setup, projection, options, plan,
                                         ref_attention_end=args.ref_attention_end, timesteps=timesteps, x_T=x_T,
                                         z_T=z_T, generator=generator, progress=not args.no_progress)
     with torch.no_grad():
         views = decode_in_chunks(pipe.vae, result.instances, args.max_batch_size)
     pano = rgb_proj.inverse(views)
     save_artefacts(out, pano, rgb_proj.forward(pano), args)
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    print(f"wrote {out / 'final.png'} ({pano.shape[-1]}x{pano.shape[-2]}, {n} views)")
+    finish_run(out, args, f"{out / 'final.png'} ({pano.shape[-1]}x{pano.shape[-2]}, {n} views)")
     return {"dir": out, "pano": pano, "views": views}
-
-
-def sdedit_start(args, pipe, latent_proj, rgb_proj, setup, generator):
-    """Encode the given pano's views, noise them to the start step; 0 = from x_T, 1 = keep x_0."""
-    pano = load_rgb(args.sdedit_image, args.canonical_rgb_h, args.canonical_rgb_w)
-    views = rgb_proj.forward(pano).to(setup.x_T.device, setup.x_T.dtype)
-    with torch.no_grad():
-        x0 = torch.cat([encode_images(pipe.vae, v, generator) for v in views.split(args.max_batch_size)])
-    start = min(int(round(args.sdedit_timestep * len(setup.timesteps))), len(setup.timesteps) - 1)
-    timesteps = setup.timesteps[start:]
-    t = timesteps[0]
-    noise = setup.x_T
-    if args.initialize_xt_from_zt:
-        noise = latent_proj.forward(latent_proj.canonical_noise(x0.shape[1], generator, x0.device, x0.dtype))
-    x_t = pipe.scheduler.add_noise(x0, noise, t.reshape(1))
-    z_t = latent_proj.inverse(x_t, "latent") if get_case(args.case_num).canonical else None
-    return timesteps, x_t, z_t
 
 
 def save_artefacts(out, pano: torch.Tensor, views: torch.Tensor, args) -> None:

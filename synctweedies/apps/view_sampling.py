@@ -1,8 +1,9 @@
-"""The block every multi-view app repeats: install sample-wise attention, run `sync_sample`, restore.
+"""SyncMVD's "sample-wise" attention around `sync_sample`, from common's attention seams.
 
-SyncMVD's "sample-wise" attention lets each view attend to a few other views (neighbours always, reference
-views early in sampling); the UNet's processors must be put back even when sampling fails, so the
-install -> sample -> restore sequence lives here once (wide image, panorama, mesh, Gaussians).
+Each view attends to a few other views (neighbours always, reference views early in sampling). The plan
+(`common.attention.plan.AttentionPlan`), its schedule (`common.attention.schedule.ReferenceAttentionSchedule`)
+and the install -> sample -> restore block (`plan_installed`) are common's; this module only puts them
+together for the four multi-view apps (wide image, panorama, mesh, Gaussians).
 """
 from __future__ import annotations
 
@@ -10,23 +11,27 @@ from typing import Iterable
 
 import torch
 
-from common.attention.reference import ViewContext, install_cross_view_attention
+from common.attention.plan import AttentionPlan
+from common.attention.schedule import ReferenceAttentionSchedule, plan_installed
 from common.pipelines.loop import Hook
-from synctweedies.runtime import ReferenceAttentionSchedule
 from synctweedies.sampler import SyncOptions, SyncResult, sync_sample
 
 
-def sample_with_view_attention(pipe, setup, projection, options: SyncOptions, context: ViewContext, *,
+def ring_plan(num_views: int, max_batch: int) -> AttentionPlan:
+    """Views on a ring (wide image, panorama, Gaussians): neighbours i-1, i+1 (wrapping) and view n // 2 as the
+    reference, as the original's sample-wise attention."""
+    return AttentionPlan(num_images=num_views, neighbours=(-1, 1), circular=True, reference=(num_views // 2,),
+                         max_batch=max_batch)
+
+
+def sample_with_view_attention(pipe, setup, projection, options: SyncOptions, plan: AttentionPlan, *,
                                ref_attention_end: float, timesteps=None, x_T: torch.Tensor | None = None,
                                z_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
                                hooks: Iterable[Hook] = (), progress: bool = True) -> SyncResult:
-    """Sample with `context`'s cross-view attention on pipe.unet (reference views while
-    t >= (1 - ref_attention_end) T); the UNet's previous processors are restored afterwards."""
-    handle = install_cross_view_attention(pipe.unet, context)
-    schedule = ReferenceAttentionSchedule(context, ref_attention_end, pipe.scheduler.config.num_train_timesteps)
-    try:
+    """Sample with `plan`'s cross-view attention on pipe.unet's self-attention (reference views while
+    t >= (1 - ref_attention_end) T); the UNet's previous processors come back afterwards, also on failure."""
+    schedule = ReferenceAttentionSchedule(plan, ref_attention_end, pipe.scheduler.config.num_train_timesteps)
+    with plan_installed(pipe.unet, plan, "attn1"):
         return sync_sample(setup.denoiser, pipe.scheduler, projection, options=options,
                            timesteps=setup.timesteps if timesteps is None else timesteps, x_T=x_T, z_T=z_T,
                            generator=generator, hooks=[schedule, *hooks], progress=progress)
-    finally:
-        handle.restore()

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from diffusers import DDPMScheduler
 
-from common.attention.reference import ViewContext
 from common.errors import UsageError
-from common.io import atomic_save_image, atomic_write_text
-from common.models.adapters import apply_adapters
-from common.models.loading import load_pipeline, pipeline_family
+from common.io import atomic_save_image
 from common.pipelines.latents import decode_latents
-from common.pipelines.text2image import prepare, to_pil, use_ddim
-from synctweedies.apps.view_sampling import sample_with_view_attention
+from common.pipelines.text2image import prepare, to_pil
+from synctweedies.apps.loading import load_sd
+from synctweedies.apps.view_sampling import ring_plan, sample_with_view_attention
+from synctweedies.memory import check_fits, wide_image_bytes
 from synctweedies.outputs import make_save_dir
-from synctweedies.runtime import check_fraction, device_of, dtype_of, seed_everything
+from synctweedies.registry import register_app
+from synctweedies.runtime import check_fraction, derived_rgb_size, finish_run, start_run
 from synctweedies.sampler import SyncOptions
 from synctweedies.wide import WindowProjection
 
@@ -32,28 +30,37 @@ def decode_in_chunks(vae, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor
     return torch.cat([decode_latents(vae, x) for x in latents.split(chunk)]).float()
 
 
+def window_summary(proj: WindowProjection, requested: int) -> str:
+    """One line: how many windows, their size and stride, whether they overlap (synchronise anything)."""
+    overlap = bool((proj.count_map() > 1).any())
+    h, w = proj.window
+    line = (f"wide_image: {proj.num_instances} window(s) of {h}x{w} latent px, stride {proj.stride}, on a "
+            f"{proj.canonical_hw[0]}x{proj.canonical_hw[1]} latent canvas; "
+            + ("windows overlap" if overlap else "windows do not overlap: nothing is synchronised"))
+    if (h, w) != (requested, requested):
+        line += f" (window clamped from {requested} to the canvas)"
+    return line
+
+
+@register_app("wide_image")
 def run(args: argparse.Namespace) -> dict:
     for flag in ("panorama_height", "panorama_width"):
         value = getattr(args, flag)
         if value <= 0 or value % 8:
             raise UsageError(f"--{flag} must be a positive multiple of 8, got {value}")
-    if args.window_stride <= 0:
-        raise UsageError("--window_stride must be positive")
     check_fraction("mvd_end", args.mvd_end)
     check_fraction("ref_attention_end", args.ref_attention_end)
-    device = device_of(args)
-    dtype = dtype_of(args, device)
-    generator = seed_everything(args.seed)
-    spec = args.sd_path if args.model == "sd" else args.model
-    pipe = load_pipeline(spec, torch_dtype=dtype, device=device)
-    if pipeline_family(pipe) != "sd":
-        raise UsageError(f"wide images need a Stable Diffusion (SD 1.x/2.x) model, got {spec}")
-    apply_adapters(pipe, args.adapters)
-    use_ddim(pipe, keep=(DDPMScheduler,))  # DDIM timesteps for the synchronised steps
+    run_start = start_run(args, args.save_top_dir, args.tag or "wide_image")
+    generator = run_start.generator
+    pipe, _ = load_sd(args, run_start.device, run_start.dtype, original="sd", what="wide images")
     factor = pipe.vae_scale_factor
-    if args.rgb_instance_size != args.latent_instance_size * factor:
-        raise UsageError(f"--rgb_instance_size ({args.rgb_instance_size}) must be --latent_instance_size "
-                         f"({args.latent_instance_size}) x {factor}")
+    if args.latent_instance_size is None:  # the model's native latent size (SD2-base: 64, as the original)
+        args.latent_instance_size = int(pipe.unet.config.sample_size)
+    derived_rgb_size(args, "rgb_instance_size", "latent_instance_size", factor)
+    need, windows = wide_image_bytes(args.panorama_height, args.panorama_width, args.latent_instance_size,
+                                     args.window_stride, factor)
+    check_fits(need, run_start.device, f"a {args.panorama_width}x{args.panorama_height} wide image ({windows:,} "
+               "windows)", "use a smaller --panorama_width / --panorama_height or a larger --window_stride")
     lat_h, lat_w = args.panorama_height // factor, args.panorama_width // factor
     proj = WindowProjection(lat_h, lat_w, args.latent_instance_size, args.window_stride)
     mult = unet_multiple(pipe.unet)
@@ -62,20 +69,21 @@ def run(args: argparse.Namespace) -> dict:
                          f"multiples of {mult}): use a canvas of at least {args.latent_instance_size * factor} px "
                          f"or sides that are multiples of {mult * factor} px")
     n = proj.num_instances
+    print(window_summary(proj, args.latent_instance_size))
     out = make_save_dir(args.save_top_dir, args.tag or "wide_image", args.save_dir_now)
     setup = prepare(pipe, [POSITIVE_PREFIX + args.prompt] * n, [args.negative_prompt] * n,
                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                     height=proj.window[0] * factor, width=proj.window[1] * factor, generator=generator)
-    context = ViewContext(num_views=n, neighbours=(-1, 1), circular=True, reference=(n // 2,),
-                          max_batch=args.max_batch_size)
+    plan = ring_plan(n, args.max_batch_size)
     options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
-    result = sample_with_view_attention(pipe, setup, proj, options, context, ref_attention_end=args.ref_attention_end,
+    result = sample_with_view_attention(pipe, setup, proj, options, plan, ref_attention_end=args.ref_attention_end,
                                         x_T=setup.x_T, generator=generator, progress=not args.no_progress)
     with torch.no_grad():
         rgb_views = decode_in_chunks(pipe.vae, result.instances)
-    image = proj.scaled(factor).inverse(rgb_views)
+    rgb_proj = proj.scaled(factor)
+    image = rgb_proj.inverse(rgb_views)
     path = out / f"final_{args.seed}.png"
     atomic_save_image(to_pil(image.clamp(-1, 1))[0], path)
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    print(f"wrote {path} ({image.shape[-1]}x{image.shape[-2]}, {n} windows)")
-    return {"dir": out, "image": image, "num_views": n}
+    finish_run(out, args, f"{path} ({image.shape[-1]}x{image.shape[-2]}, {n} windows)")
+    return {"dir": out, "image": image, "num_views": n, "views": rgb_views, "projection": proj,
+            "latent_views": result.instances}

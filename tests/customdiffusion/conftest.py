@@ -36,3 +36,52 @@ def fake_concept(pipe, seed: int = 0, tokens=("<new1>",), scale: float = 0.2, fr
 @pytest.fixture
 def concept():
     return fake_concept
+
+
+def tokens_only(pipe, weights):
+    """The same concept with the base model's K/V: its modifier tokens are added, nothing else changes.
+
+    The reference for "the concept changes the images": a run with this differs from one with `weights` only
+    through the K/V, so the comparison fails if the trained K/V are never applied.
+    """
+    from customdiffusion.formats import CustomDiffusionWeights
+
+    params = dict(pipe.unet.named_parameters())
+    return CustomDiffusionWeights({n: params[n].detach().clone() for n in weights.unet}, dict(weights.tokens))
+
+
+def run_cli(main, argv, capsys):
+    """Run an entry point as its script does (`common.cli.run`): returns (exit code, stderr lines)."""
+    from common.cli import run
+
+    capsys.readouterr()
+    try:
+        run(main, argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.splitlines()
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder` (to prove an earlier result was not touched)."""
+    from pathlib import Path
+
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(name="tokens_only")
+def _tokens_only_fixture():
+    return tokens_only
+
+
+@pytest.fixture(name="cli")
+def _cli_fixture(capsys):
+    """cli(main, argv) -> (exit code, stderr lines), as the script would exit."""
+    return lambda main, argv: run_cli(main, argv, capsys)
+
+
+@pytest.fixture(name="snapshot")
+def _snapshot_fixture():
+    return snapshot

@@ -63,3 +63,27 @@ def test_compress_cli(tiny, concept, tmp_path):
     F.save(concept(tiny()), tmp_path / "delta.bin")
     out = main(["--delta_ckpt", str(tmp_path / "delta.bin"), "--ckpt", "tiny-sd"])
     assert out == tmp_path / "compressed_delta.bin" and F.load(out).compressed
+
+
+def test_compress_never_replaces_its_input_or_an_existing_output(tiny, concept, tmp_path, cli, snapshot):
+    from customdiffusion.compress import main
+
+    F.save(concept(tiny()), tmp_path / "delta.safetensors")
+    F.save(concept(tiny(), seed=3), tmp_path / "up", "diffusers")
+    main(["--delta_ckpt", str(tmp_path / "delta.safetensors"), "--ckpt", "tiny-sd"])
+    before = snapshot(tmp_path)
+    base = ["--ckpt", "tiny-sd", "--delta_ckpt"]
+    cases = [
+        ([str(tmp_path / "delta.safetensors"), "--output", str(tmp_path / "delta.safetensors")], "is the input"),
+        ([str(tmp_path / "delta.safetensors"), "--output", str(tmp_path / "." / "delta.safetensors"), "--overwrite"],
+         "is the input"),
+        ([str(tmp_path / "up"), "--output", str(tmp_path / "up" / "pytorch_custom_diffusion_weights.safetensors"),
+          "--overwrite"], "is the input"),
+        ([str(tmp_path / "delta.safetensors")], "already exists"),  # the default output of the first run
+    ]
+    for extra, needle in cases:
+        code, err = cli(main, [*base, *extra])
+        assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)
+    assert snapshot(tmp_path) == before
+    out = main([*base, str(tmp_path / "delta.safetensors"), "--overwrite", "--compression_ratio", "1.0"])
+    assert out == tmp_path / "compressed_delta.safetensors" and F.load(out).compressed

@@ -175,3 +175,34 @@ def test_convert_cli(tiny, concept, tmp_path, capsys):
     with pytest.raises(UsageError, match="needs the base"):
         main(["--delta_ckpt", str(tmp_path / "delta.safetensors"), "--to", "delta", "--compress",
               "--output", str(tmp_path / "c.safetensors")])
+
+
+def test_convert_refuses_to_overwrite_unless_asked(tiny, concept, tmp_path, cli, snapshot):
+    from customdiffusion.convert import main
+
+    pipe = tiny()
+    old = concept(pipe, tokens=("<new1>", "<new2>"))
+    F.save(old, tmp_path / "old", "diffusers")
+    new = concept(pipe, seed=5)
+    F.save(new, tmp_path / "new.safetensors")
+    before = snapshot(tmp_path)
+    argv = ["--delta_ckpt", str(tmp_path / "new.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "old")]
+    code, err = cli(main, argv)
+    assert code == 2 and len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0], err
+    code, err = cli(main, ["--delta_ckpt", str(tmp_path / "old"), "--to", "diffusers", "--output",
+                           str(tmp_path / "old"), "--overwrite"])
+    assert code == 2 and len(err) == 1 and "is the input" in err[0], err
+    assert snapshot(tmp_path) == before
+    main([*argv, "--overwrite"])
+    # the old concept's <new2> file is gone: loading the folder gives exactly the new concept
+    assert _same(new, F.load(tmp_path / "old"))
+
+
+def test_nan_concept_is_refused_on_load(tiny, concept, tmp_path):
+    w = concept(tiny())
+    first = next(iter(w.unet))
+    w.unet[first] = w.unet[first].clone()
+    w.unet[first][0, 0] = float("inf")
+    F.save(w, tmp_path / "delta.safetensors")
+    with pytest.raises(UsageError, match=r"NaN/inf values in 1 tensor\(s\) \(e\.g\. " + first.replace(".", r"\.")):
+        F.load(tmp_path / "delta.safetensors")

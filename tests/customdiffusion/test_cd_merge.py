@@ -128,3 +128,44 @@ def test_merge_cli(tiny, concept, tmp_path):
                 "--ckpt", str(tmp_path / "base"), "--save_path", str(tmp_path / "opt"), "--device", "cpu"])
     assert out == tmp_path / "opt" / "optimized_cat+wooden_pot" / "delta.safetensors"
     assert list(F.load(out).tokens) == ["<new1>", "<new2>"]
+
+
+def test_merge_cli_bad_inputs_one_line(tiny, concept, tmp_path, cli, snapshot):
+    base = _trained_like(tiny())
+    base.save_pretrained(tmp_path / "base")
+    F.save(concept(base, seed=1), tmp_path / "a" / "delta.bin")
+    F.save(concept(base, seed=2), tmp_path / "b", "diffusers")
+    a, b = str(tmp_path / "a" / "delta.bin"), str(tmp_path / "b")
+    common = ["--ckpt", str(tmp_path / "base"), "--save_path", str(tmp_path / "opt"), "--device", "cpu"]
+    main(["--paths", f"{a}+{b}", "--categories", "cat+wooden pot", *common])
+    before = snapshot(tmp_path)
+    cases = [
+        (["--paths", a, "--categories", "cat"], "merging needs at least two"),
+        (["--paths", f"{a}+{a}", "--categories", "cat+dog"], "the same concept twice"),
+        (["--paths", f"{b}+{tmp_path / 'a' / '..' / 'b'}", "--categories", "cat+dog"], "the same concept twice"),
+        (["--paths", f"{a}+{b}", "--categories", "cat+wooden pot"], "already exists"),
+        (["--paths", f"{a}+{b}", "--categories", "cat+dog", "--num_inference_steps", "0"], "positive integer"),
+    ]
+    for extra, needle in cases:
+        code, err = cli(main, [*extra, *common])
+        assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)
+    assert snapshot(tmp_path) == before
+
+
+def test_regularization_captions_flag_reads_the_original_caption_file(tiny, concept, tmp_path, monkeypatch):
+    """`--regularization_captions FILE` (the original's data/regularization_captions.txt) feeds the merge."""
+    import customdiffusion.merge as M
+
+    base = _trained_like(tiny())
+    base.save_pretrained(tmp_path / "base")
+    F.save(concept(base, seed=1), tmp_path / "a.safetensors")
+    F.save(concept(base, seed=2), tmp_path / "b.safetensors")
+    captions = tmp_path / "regularization_captions.txt"
+    captions.write_text("\n".join(f"caption {i} of a small red house by a lake" for i in range(250)) + "\n")
+    seen = []
+    real = M.merge_concepts
+    monkeypatch.setattr(M, "merge_concepts", lambda pipe, c, cats, caps: seen.append(list(caps)) or real(pipe, c, cats, caps))
+    main(["--paths", f"{tmp_path / 'a.safetensors'}+{tmp_path / 'b.safetensors'}", "--categories", "cat+dog",
+          "--ckpt", str(tmp_path / "base"), "--save_path", str(tmp_path / "opt"), "--device", "cpu",
+          "--regularization_captions", str(captions)])
+    assert seen == [[f"caption {i} of a small red house by a lake" for i in range(200)]]

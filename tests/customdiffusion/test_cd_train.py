@@ -42,7 +42,9 @@ def _flags(demo: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", "tiny-sd", "--instance_data_dir", str(demo / "instances" / "toy_robot"),
             "--instance_prompt", "photo of a <new1> toy", "--modifier_token", "<new1>", "--resolution", str(S),
             "--train_batch_size", "2", "--output_dir", str(out), "--report_to", "none", "--lr_warmup_steps", "0",
-            "--dataloader_num_workers", "0", "--learning_rate", "1e-3", "--adam_weight_decay", "0", *extra]
+            "--dataloader_num_workers", "0", "--learning_rate", "1e-3", "--adam_weight_decay", "1e-2", *extra]
+# Weight decay stays ON (diffusers' default 1e-2) in every run: rows of the token table other than the
+# modifier rows must still come out bit-identical (their param group has no decay).
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
@@ -129,7 +131,8 @@ def test_gradients_reach_only_trainable_parameters(demo, tmp_path):
                           "--freeze_model", "crossattn"))
     m = trainer.method
     batch = next(iter(trainer.train_dataloader))
-    m.loss(batch, trainer.accelerator).backward()
+    loss, _ = m.loss(batch, trainer.accelerator)
+    loss.backward()
     with_grad = {n for n, p in m.pipe.unet.named_parameters() if p.grad is not None}
     assert with_grad and all(".attn2.processor." in n for n in with_grad)
     assert {n.split(".processor.")[1] for n in with_grad} == {
@@ -173,14 +176,20 @@ def test_prior_loss_is_added_with_its_weight(demo, tmp_path):
     assert batch["pixel_values"].shape[0] == 2 * batch["num_instance"]
     assert torch.all(batch["mask"][batch["num_instance"]:] == 1)
 
-    def loss_with(weight):
-        m.args.prior_loss_weight = weight
+    def loss_with(weight, normalization="paper"):
+        m.args.prior_loss_weight, m.args.loss_normalization = weight, normalization
         torch.manual_seed(5)
         with torch.no_grad():
-            return m.loss(batch, trainer.accelerator).item()
+            loss, logs = m.loss(batch, trainer.accelerator)
+        return loss.item(), {k: float(v) for k, v in logs.items()}
 
-    l0, l1, l2 = loss_with(0.0), loss_with(1.0), loss_with(2.0)
+    (l0, parts), (l1, _), (l2, _) = loss_with(0.0), loss_with(1.0), loss_with(2.0)
     assert l1 > l0 and abs((l2 - l0) - 2 * (l1 - l0)) < 1e-5
+    assert l0 == pytest.approx(parts["instance"]) and l1 == pytest.approx(parts["instance"] + parts["prior"])
+    # diffusers' normalisation: the same instance term times the 4 latent channels, the same prior term
+    d1, dparts = loss_with(1.0, "diffusers")
+    assert dparts["instance"] == pytest.approx(4 * parts["instance"], rel=1e-5)
+    assert dparts["prior"] == pytest.approx(parts["prior"], rel=1e-6)
 
 
 def test_scale_lr_rule(demo, tmp_path):
@@ -229,18 +238,107 @@ def test_sdxl_trains_modifier_rows_in_both_text_encoders(demo, tmp_path):
     assert set(emb) == {"clip_l", "clip_g"}
 
 
-def test_trained_concept_samples_through_the_shared_loop(demo, tmp_path):
+def test_trained_concept_samples_through_the_shared_loop(demo, tmp_path, tokens_only):
     from common.pipelines.text2image import generate
     from customdiffusion.apply import apply_customdiffusion
+    from customdiffusion.formats import load
 
     main(_flags(demo, tmp_path / "out", "--max_train_steps", "3", "--checkpointing_steps", "0"))
     pipe = build_tiny("tiny-sd")
     apply_customdiffusion(pipe, tmp_path / "out")
-    kw = dict(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False, height=32,
-              width=32)
-    concept = generate(pipe, "photo of a <new1> toy", **kw)
-    plain = generate(build_tiny("tiny-sd"), "photo of a <new1> toy", **kw)
+    # reference: the same pipeline with the trained <new1> embedding added but the base K/V
+    ref = build_tiny("tiny-sd")
+    apply_customdiffusion(ref, tokens_only(ref, load(tmp_path / "out")))
+
+    def kw():
+        return dict(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False, height=32,
+                    width=32)
+
+    concept = generate(pipe, "photo of a <new1> toy", **kw())
+    plain = generate(ref, "photo of a <new1> toy", **kw())
     assert concept.shape == (1, 3, 32, 32) and torch.isfinite(concept).all() and not torch.equal(concept, plain)
+
+
+def test_latent_factor_is_measured_from_the_vae(demo, tmp_path):
+    """A VAE that downsamples by 4 (3 blocks): the loss mask follows the latents instead of assuming 8."""
+    from diffusers import AutoencoderKL
+
+    pipe = build_tiny("tiny-sd")
+    pipe.vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                             layers_per_block=1, norm_num_groups=8, sample_size=32)
+    pipe.save_pretrained(tmp_path / "vae4")
+    flags = _flags(demo, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "0", "--resolution", "32")
+    flags[1] = str(tmp_path / "vae4")
+    trainer = main(flags)
+    assert trainer.method.latent_factor == 4
+    batch = next(iter(trainer.train_dataloader))
+    assert batch["mask"].shape[-2:] == (8, 8) and batch["pixel_values"].shape[-2:] == (32, 32)
+
+
+def test_initializer_word_is_the_bare_vocabulary_entry_as_in_the_original(demo, tmp_path):
+    """The original's slow-tokenizer `encode(["pll"])` looked "pll" up as a token: row 47629 (the LDM code's
+    hard-coded row), not "pll</w>" (25266, what a word-level encode gives)."""
+    from common.io import load_weights
+
+    out = tmp_path / "out"
+    main(_flags(demo, out, "--max_train_steps", "1", "--checkpointing_steps", "0", "--initializer_token", "pll",
+                "--learning_rate", "0"))
+    base = build_tiny("tiny-sd")
+    vocab = base.tokenizer.get_vocab()
+    assert (vocab["pll"], vocab["pll</w>"]) == (47629, 25266)
+    emb = base.text_encoder.get_input_embeddings().weight
+    row = load_weights(out / "<new1>.safetensors")["<new1>"]
+    assert torch.equal(row, emb[47629]) and not torch.equal(row, emb[25266])
+
+
+def test_prior_loss_composition_hand_computed():
+    """Spec §5 test 17 with numbers worked out by hand: batch [1 instance, 1 class], C = 4 channels, 2x2 cells.
+
+    Instance target = channel index + 1 where the mask keeps (2 of 4 cells), 100 where it does not (ignored);
+    prediction 0 everywhere -> squared errors 1, 4, 9, 16 per kept cell:
+      paper     = (2 * (1 + 4 + 9 + 16)) / (4 * 2) = 7.5
+      diffusers = (2 * (1 + 4 + 9 + 16)) / 2       = 30
+    Class target 3 everywhere (mask all ones) -> MSE 9; prior weight 0.5 adds 4.5.
+    """
+    from customdiffusion.loss import custom_diffusion_loss
+
+    target = torch.zeros(2, 4, 2, 2)
+    keep = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for c in range(4):
+        target[0, c] = torch.where(keep.bool(), torch.tensor(c + 1.0), torch.tensor(100.0))
+    target[1] = 3.0
+    mask = torch.stack([keep[None], torch.ones(1, 2, 2)])
+    pred = torch.zeros_like(target)
+    paper, parts = custom_diffusion_loss(pred, target, mask, 1, prior_loss_weight=0.5, with_prior=True)
+    assert paper.item() == 7.5 + 4.5 and parts["instance"].item() == 7.5 and parts["prior"].item() == 9.0
+    diffusers, _ = custom_diffusion_loss(pred, target, mask, 1, prior_loss_weight=0.5, with_prior=True,
+                                         normalization="diffusers")
+    assert diffusers.item() == 30.0 + 4.5
+    no_prior, _ = custom_diffusion_loss(pred, target, mask, 1, prior_loss_weight=0.0, with_prior=True)
+    assert no_prior.item() == 7.5
+    alone, logs = custom_diffusion_loss(pred[:1], target[:1], mask[:1], 1)
+    assert alone.item() == 7.5 and logs == {}
+
+
+def test_lr_rules_diffusers_and_ldm():
+    """Spec §5 test 18: diffusers' --scale_lr (x2 with prior preservation) and the LDM rule; the papers'
+    settings of both give 8e-5."""
+    import argparse
+
+    from common.train.optim import scaled_learning_rate
+    from customdiffusion.train import ldm_learning_rate, prior_lr_factor
+
+    def diffusers_lr(base, bs, accum, procs, prior):
+        ns = argparse.Namespace(scale_lr=True, with_prior_preservation=prior)
+        return scaled_learning_rate(base, accum, bs, procs) * prior_lr_factor(ns)
+
+    assert diffusers_lr(1e-5, 2, 1, 1, False) == pytest.approx(2e-5)
+    assert diffusers_lr(1e-5, 2, 1, 1, True) == pytest.approx(4e-5)
+    assert ldm_learning_rate(1e-5, batch_size=4, n_gpu=2, accumulate_grad_batches=3) == pytest.approx(24e-5)
+    paper_ldm = ldm_learning_rate(1e-5, batch_size=4, n_gpu=2)
+    assert paper_ldm == pytest.approx(8e-5) == diffusers_lr(1e-5, 2, 1, 2, True)
+    assert prior_lr_factor(argparse.Namespace(scale_lr=False, with_prior_preservation=True)) == 1.0
 
 
 # ----------------------------------------------------------------------------------------------- bad input

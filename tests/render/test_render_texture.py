@@ -104,22 +104,41 @@ def test_voronoi_fill_nearest_seen_texel():
         assert ok.float().mean() > 0.99
 
 
-def test_syncmvd_order_blend_is_weighted_mean_of_view_constants():
+def _side_cell(side: int, tex: int, margin: int = 2) -> tuple[slice, slice]:
+    """Interior texels of box_mesh side `side` (0 +x, 1 -x, 2 +y, 3 -y, 4 +z, 5 -z): atlas column side % 3,
+    row side // 3, v up (texture row = (1 - v) * tex), gutter 0.02."""
+    col, row = side % 3, side // 3
+    u0, u1 = col / 3 + 0.02, (col + 1) / 3 - 0.02
+    v0, v1 = row / 2 + 0.02, (row + 1) / 2 - 0.02
+    return (slice(int(tex * (1 - v1)) + margin, int(tex * (1 - v0)) - margin),
+            slice(int(tex * u0) + margin, int(tex * u1) - margin))
+
+
+def test_syncmvd_order_blend_matches_hand_computed_values():
+    """SyncMVD's order (per-view texture, then a texel blend weighted visible x cos^exp), values by hand.
+
+    Orthographic views (cos constant on each side), view i a constant c = 2, 5, 11, exp = 2:
+    view 0 (el 0, az 0) sees +z head-on (w = 1); view 1 (0, 45) sees +z and +x at 45 deg (w = 1/2 each);
+    view 2 (30, 90) sees +x at 30 deg (w = 3/4) and +y at 60 deg (w = 1/4). So
+    +z = (2 * 1 + 5 / 2) / (3 / 2) = 3, +x = (5 / 2 + 11 * 3 / 4) / (5 / 4) = 8.6, +y = 11; -x, -y, -z: no view.
+    (Visibility alone would give 3.5 and 8; exp = 1 gives 3.2426 and 8.3031.)"""
     from common.render.texture import blend_views, texel_geometry, texel_weights
 
-    m, cams, fr = _setup(32, poses=[(0.0, 0.0), (0.0, 45.0), (30.0, 90.0)])
+    m, cams, fr = _setup(32, poses=[(0.0, 0.0), (0.0, 45.0), (30.0, 90.0)], ortho=True)
     uv = pixel_uvs(fr, m.uv_faces, m.uvs)
-    c = torch.tensor([2.0, 5.0, 11.0])
-    views = c.view(3, 1, 1, 1).expand(3, 1, 32, 32)
+    views = torch.tensor([2.0, 5.0, 11.0]).view(3, 1, 1, 1).expand(3, 1, 32, 32)
     num, den = unproject(views, uv, fr.mask.float(), (48, 48))
     tface, tpos = texel_geometry(m.verts, m.faces, m.uvs, m.uv_faces, (48, 48))
-    assert (tface >= 0).float().mean() > 0.7
     w = texel_weights(tface, tpos, m.verts, m.faces, cams, fr, exp=2.0)
-    tex, total = blend_views(num, den, w)
-    expect = (c[:, None, None] * w).sum(0) / (w.sum(0) + 1e-8)
-    has = total > 0
-    assert torch.allclose(tex[0][has], expect[has], atol=1e-4)
-    assert (w[:, tface < 0] == 0).all()
-    # a texel on +z (face ids 8, 9) is not weighted by the view from +x: its cos is 0
-    on_front = (tface == 8) | (tface == 9)
-    assert (w[2][on_front] == 0).all() and (w[0][on_front] > 0.8).all()
+    tex, total = blend_views(num, den, w, fill=False)
+    assert (total[tface < 0] == 0).all()  # gutters between UV islands belong to no face
+    expected = {4: (3.0, 1.5), 0: (8.6, 1.25), 2: (11.0, 0.25), 1: (0.0, 0.0), 3: (0.0, 0.0), 5: (0.0, 0.0)}
+    for side, (value, weight) in expected.items():
+        r, c = _side_cell(side, 48)
+        got, tot = tex[0, r, c], total[r, c]
+        assert got.numel() >= 60, side
+        assert torch.allclose(got, torch.full_like(got, value), atol=1e-4), (side, got.median().item(), value)
+        assert torch.allclose(tot, torch.full_like(tot, weight), atol=1e-4), (side, tot.median().item(), weight)
+    filled, _ = blend_views(num, den, w)  # the final Voronoi fill touches only texels no view weighs
+    assert torch.equal(filled[:, total > 0], tex[:, total > 0])
+    assert set(filled[0, total == 0].unique().tolist()) <= set(tex[0, total > 0].unique().tolist())

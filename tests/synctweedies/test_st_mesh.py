@@ -2,9 +2,12 @@
 through the CLI on tiny presets (smoke, SDEdit, determinism, one-line errors)."""
 from __future__ import annotations
 
+import math
+
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from st_helpers import usage_error
@@ -45,22 +48,35 @@ def test_bake_of_render_returns_texture_on_well_seen_texels():
     assert torch.equal(again[~mask], views[~mask])  # background keeps the instance's own values
 
 
+def _face_cell(face: int, tex: int, margin: int = 3):
+    """Interior texels of box_mesh face `face` (atlas: column face % 3, row face // 3, v up, gutter 0.02)."""
+    col, row = face % 3, face // 3
+    u0, u1 = col / 3 + 0.02, (col + 1) / 3 - 0.02
+    v0, v1 = row / 2 + 0.02, (row + 1) / 2 - 0.02
+    rows = slice(int(tex * (1 - v1)) + margin, int(tex * (1 - v0)) - margin)
+    return rows, slice(int(tex * u0) + margin, int(tex * u1) - margin)
+
+
 def test_bake_weights_are_visibility_times_cosine():
-    """Spec 15: view i constant i -> each texel gets sum_i i w_i / sum_i w_i; single-view texels get i."""
+    """Spec 15 with expected values written by hand: view i shows the constant i, weight = visible x cos.
+    Cameras (elevation, azimuth): 0 (0, 0) sees +z head-on, 1 (0, 90) +x, 2 (0, 180) -z, 3 (0, 270) -x,
+    4 (30, 0) sees +z at cos 30 deg and +y at cos 60 deg. So +z = (0 * 1 + 4 cos30) / (1 + cos30) = 1.8564
+    (visibility alone would give 2, cos^2 1.7143), +x = 1, -z = 2, -x = 3, +y = 4; this is SyncMVD's
+    two-stage order (per-view unprojection, then the weighted blend)."""
     poses = [(0.0, 0.0), (0.0, 90.0), (0.0, 180.0), (0.0, 270.0), (30.0, 0.0)]
     proj = MeshProjection(box_mesh(0.6), cameras_for(poses, 32, 2.0), 64)
     n = len(poses)
     views = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1).expand(n, 1, 32, 32).clone()
     baked = proj.inverse(views)[0, 0]
-    w = proj.texel_w.double()
-    total = w.sum(0)
-    expected = (w * torch.arange(n, dtype=torch.float64).view(n, 1, 1)).sum(0) / (total + 1e-8)
-    covered = total > 0
-    assert torch.allclose(baked[covered], expected[covered], atol=1e-6)
-    single = (w > 0).sum(0) == 1
-    assert single.sum() > 100
-    owner = (w > 0).double().argmax(0)
-    assert torch.allclose(baked[single], owner[single].double(), atol=1e-6)
+    c30 = math.cos(math.radians(30))
+    expected = {4: 4 * c30 / (1 + c30), 0: 1.0, 5: 2.0, 1: 3.0, 2: 4.0}  # face id -> value (+z, +x, -z, -x, +y)
+    assert abs(expected[4] - 1.85641) < 1e-5
+    for face, value in expected.items():
+        r, c = _face_cell(face, 64)
+        got = baked[r, c]
+        assert got.numel() > 100
+        close = (got - value).abs() < 1e-6
+        assert close.float().mean() > 0.99, (face, got.median().item(), value)
 
 
 def test_exp_zero_is_cosine_weighted_like_syncmvd():
@@ -130,6 +146,38 @@ def test_mesh_app_sdedit_normal_bilinear_case1(tmp_path):
                        "--rasterize_mode", "bilinear", "--disable_voronoi", "--log_interval", "1"])
     assert (out["dir"] / "intermediate").is_dir() and (out["dir"] / "latent_texture.png").exists()
     assert out["texture"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("start,steps", [(0.0, 10), (0.5, 5), (1.0, 1)])
+def test_sdedit_timestep_zero_is_full_generation_and_one_runs_the_last_step_only(start, steps, monkeypatch):
+    """--sdedit_timestep s starts at index round(s S): 0 runs all S steps from the views noised to the first
+    timestep (~T), 1 only the last step from the views noised to the last timestep (almost x0); x_t is
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) noise and the canonical cases start from g(x_t)."""
+    from types import SimpleNamespace
+
+    import synctweedies.apps.sdedit as sdedit
+    from synctweedies.projection import IdentityProjection
+
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    monkeypatch.setattr(sdedit, "encode_images", lambda vae, v, g: x0[: len(v)])
+    sched = ddim(10)
+    pipe = SimpleNamespace(vae=None, scheduler=sched)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    setup = SimpleNamespace(x_T=noise, timesteps=sched.timesteps)
+    proj = IdentityProjection(2, 8, 8)
+    views = torch.zeros(2, 3, 64, 64)
+    ts, x_t, z_t = sdedit.sdedit_start(pipe, views, proj, setup, None, sdedit_timestep=start, max_batch_size=8,
+                                      initialize_xt_from_zt=False, case_num=2)
+    assert len(ts) == steps and torch.equal(ts, sched.timesteps[10 - steps:]) and z_t is None
+    abar = sched.alphas_cumprod[int(ts[0])].double()
+    assert torch.allclose(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)
+    if start == 0.0:
+        assert int(ts[0]) == int(sched.timesteps[0]) and abar < 0.01  # essentially pure noise
+    if start == 1.0:
+        assert (x_t - x0).abs().max() < 0.1  # essentially the input
+    _, x5, z5 = sdedit.sdedit_start(pipe, views, proj, setup, None, sdedit_timestep=start, max_batch_size=8,
+                                    initialize_xt_from_zt=False, case_num=5)
+    assert torch.equal(x5, x_t) and torch.allclose(z5, x_t.mean(0, keepdim=True))
 
 
 def test_mesh_bad_inputs_are_one_line_errors(tmp_path, capsys):

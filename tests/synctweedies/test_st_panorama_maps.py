@@ -22,14 +22,17 @@ def test_centre_pixel_and_yaw_shift():
 
 
 def test_round_trip_on_covered_band(proj):
+    """Spec 11 at its 36-degree band (FOV 72 at pitch 0 reaches +-36 deg at each view's centre column; measured
+    mean error 0.14 % of the range there, 0 inside +-34 deg); outside every footprint g gives 0."""
     g = torch.Generator().manual_seed(0)
     z = torch.nn.functional.interpolate(torch.randn(1, 3, 16, 32, generator=g), (256, 512), mode="bicubic",
                                         align_corners=False)
     back = proj.inverse(proj.forward(z))
     lat = (torch.arange(256) / 255 - 0.5) * 180
-    band = lat.abs() < 30
+    band = lat.abs() < 36
     err = (back - z)[..., band, :].abs().mean()
     assert err < 0.02 * (z.max() - z.min())
+    assert torch.equal(back[..., lat.abs() < 34, :], z[..., lat.abs() < 34, :])  # nearest + Voronoi: exact inside
     cov = proj.coverage()
     assert (back[..., cov == 0] == 0).all()
 

@@ -1,0 +1,391 @@
+"""SynCD data generation (§1): tuples of NUM images of one object generated jointly as one batch with
+Masked Shared Attention - deformable objects (masks estimated online from category-token attention) and
+rigid objects from meshes (depth-conditioned, MSA masks from the renders, latent warping across views for
+t > --warp_thresh); then (--score) DINOv2 pair similarity on mask-cropped objects + aesthetic score.
+
+Output (the original layout): <outdir>/{i}_{rank}_{k}.jpg, <outdir>/masks/{stem}.jpg, <outdir>/metadata_{rank}.json
+(list of {filenames, prompts, objaverse_id, category}); with --score <outdir>/metadata_with_scores.json.
+Resumable: finished tuples (listed in the metadata) are skipped. Sharded over processes (accelerate launch):
+tuple i goes to rank i % world_size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common.attention.schedule import PlanGate
+from common.cli import ArgumentParser, add_model_args, parse_args, positive_int
+from common.errors import UsageError
+from common.io import atomic_save_image, atomic_write_json
+from common.models.loading import load_pipeline, pipeline_family
+from common.pipelines.conditioning import build_conditioning
+from common.pipelines.denoisers import FluxDenoiser
+from common.pipelines.latents import decode_latents
+from common.pipelines.loop import Hook, StepState, sample
+from common.render.cameras import Cameras
+from common.render.mesh import load_mesh, normalize_mesh
+from common.render.raster import rasterize
+from common.train.conditioning import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
+from syncd.msa import AttentionStore, area_token_mask, category_token_span, install_recording, msa_plan, \
+    stacked_key_rotary
+from syncd.pipeline import flux_scheduler
+from syncd.warp import LatentWarpHook, render_depth, triplet_correspondences
+
+RIGID_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry"
+RIGID_DROP_WORDS = ("worn", "low-poly", "rustic", "figurine", "retro", "majestic", "vibrant")
+MESH_EXT = (".obj", ".glb", ".gltf", ".ply")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="SynCD: generate multi-image object tuples (deformable with MSA; rigid from meshes).")
+    add_model_args(p, default="flux-dev")
+    p.add_argument("--mode", "--category_type", dest="mode", default="deformable", choices=("deformable", "rigid"),
+                   help="deformable (prompts + MSA) or rigid (meshes: depth + warping + MSA)")
+    p.add_argument("--prompts", default=None,
+                   help="JSON prompt file: deformable [{category, background: [...], description}], rigid "
+                        "{mesh id: [captions]}; default: --llm or built-in examples")
+    p.add_argument("--llm", default=None, help="optional local transformers text-generation model for prompts")
+    p.add_argument("--category", nargs="*", default=["cat"], help="deformable categories (with --llm / no --prompts)")
+    p.add_argument("--mesh_dir", "--objaverse_dir", dest="mesh_dir", default=None,
+                   help="rigid: a folder of meshes (OBJ/GLB/PLY) or one mesh file")
+    p.add_argument("--depth_model", default=None, help="rigid: FLUX.1-Depth-dev (default: --model with its "
+                   "patch embedding widened for the depth channels, zero-initialised: plumbing for tiny models)")
+    p.add_argument("--outdir", required=True, help="output folder")
+    p.add_argument("--num", type=positive_int, default=3, help="images per tuple (NUM)")
+    p.add_argument("--num_tuples", type=positive_int, default=1, help="tuples to generate")
+    p.add_argument("--repeat_each_id", type=positive_int, default=1, help="rigid: tuples per mesh")
+    p.add_argument("--inference_steps", "--num_inference_steps", dest="inference_steps", type=positive_int, default=None,
+                   help="denoising steps (default: 50 deformable, 30 rigid)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="FLUX guidance (default: 3.5 / 10.0)")
+    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="rigid: negative-prompt true CFG from step 1")
+    p.add_argument("--height", "--resolution", dest="height", type=positive_int, default=None,
+                   help="image size (default: 1024 deformable, 512 rigid)")
+    p.add_argument("--warp_thresh", type=float, default=0.8, help="rigid: warp latents while t > this")
+    p.add_argument("--no_warp", action="store_true", help="rigid: no latent warping")
+    p.add_argument("--no_msa", action="store_true", help="no shared attention (independent images)")
+    p.add_argument("--save_attn_mask", action="store_true", default=True, help="deformable: save the estimated masks")
+    p.add_argument("--attention_backend", default="sdpa", choices=("sdpa", "flex", "triton"), help="MSA backend")
+    p.add_argument("--seed", type=int, default=42, help="seed (each rank adds its index)")
+    p.add_argument("--score", action="store_true", help="compute DINOv2 / aesthetic scores (metadata_with_scores.json)")
+    p.add_argument("--tiny_backbones", action="store_true", help="tiny random scoring backbones (tests)")
+    p.add_argument("--dinov2_model", default="facebook/dinov2-large", help="DINOv2 for --score")
+    p.add_argument("--aesthetic_model", default=None, help="LAION aesthetic head .pth for --score")
+    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens")
+    p.add_argument("--progress", action="store_true", default=True, help="progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+
+_EXAMPLES = [{"category": "cat", "background": ["A photo of a cat playing in a garden", "A cat on a sofa in a living room",
+                                                "A cat sitting on a wooden fence at sunset"],
+              "description": "The bengal cat with marbled coat features a pattern of vivid orange and black spots"}]
+
+
+def clean_lines(text: str) -> list[str]:
+    """The original's LLM output cleaning: split lines, strip digits/dots/quotes, lower-case, drop chatter."""
+    bad = ("suggestions", "note:", "captions", "**")
+    out = []
+    for line in text.splitlines():
+        line = line.strip().lstrip("0123456789").lstrip(".").strip().strip('"').strip("'").lower()
+        if line and not any(b in line for b in bad):
+            out.append(line)
+    return sorted(set(out))
+
+
+def llm_prompts(model: str, category: str, n: int) -> dict[str, Any]:
+    """Background and description prompts for `category` from a local text-generation model (§1.1)."""
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=model)
+    system = "You are an expert in suggesting image captions for different object categories."
+    ask = lambda q: gen([{"role": "system", "content": system}, {"role": "user", "content": q}], max_new_tokens=2048,
+                        do_sample=True, temperature=0.6, top_p=0.9)[0]["generated_text"][-1]["content"]
+    bg = clean_lines(ask(f"Suggest {n} captions for images of a {category}. Make sure the word {category} is in the "
+                         "caption. Briefly describe the background. Be factual and terse, no emotion words."))
+    desc = clean_lines(ask(f"Suggest 5 detailed appearance descriptions of a {category} (color, subspecies), "
+                           "no background."))
+    if len(bg) < n or not desc:
+        raise UsageError(f"--llm {model} gave too few usable prompts for {category}")
+    return {"category": category, "background": bg, "description": desc[0]}
+
+
+def deformable_prompts(args, rng: random.Random) -> list[dict[str, Any]]:
+    if args.prompts:
+        data = json.loads(Path(args.prompts).read_text())
+    elif args.llm:
+        data = [llm_prompts(args.llm, c, max(args.num, 25)) for c in args.category]
+    else:
+        data = _EXAMPLES
+    tuples = []
+    for i in range(args.num_tuples):
+        entry = data[i % len(data)]
+        bgs = list(entry["background"])
+        if len(bgs) < args.num:
+            raise UsageError(f"category {entry['category']!r} has {len(bgs)} background prompts; --num {args.num}")
+        picked = rng.sample(bgs, args.num)
+        desc = entry["description"] if isinstance(entry["description"], str) else rng.choice(entry["description"])
+        tuples.append({"category": entry["category"],
+                       "prompts": [f"{b.rstrip('.')}. {desc.rstrip('.')}. wide angle shot" for b in picked]})
+    return tuples
+
+
+def rigid_prompt(caption: str) -> str:
+    words = [w for w in caption.split() if w.lower().strip(",.") not in RIGID_DROP_WORDS]
+    return f"{' '.join(words).rstrip('.')} a natural image with the object on the ground."
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+
+class MaskUpdate(Hook):
+    """Deformable: after each step, fold the step's attention record into the estimate and rebuild masks."""
+
+    def __init__(self, store: AttentionStore, plan):
+        self.store, self.plan = store, plan
+
+    def on_step_end(self, state: StepState) -> None:
+        self.store.end_step()
+        self.plan.token_masks = self.store.masks()
+
+
+class ControlDenoiser(FluxDenoiser):
+    """FLUX with channel-concatenated control tokens (FLUX.1-Depth-dev); true CFG only from step 1."""
+
+    def __init__(self, *a, control: torch.Tensor | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.control = control
+
+    def _run(self, x, t, embeds, pooled, ids, negative: bool = False):
+        if self.control is not None:
+            x = torch.cat([x, self.control.to(x.dtype)], dim=-1)
+        return super()._run(x, t, embeds, pooled, ids, negative)
+
+    def __call__(self, x_t, t, step: int = 0):
+        scale = self.true_cfg_scale
+        if step < 1:
+            self.true_cfg_scale = 1.0
+        try:
+            return super().__call__(x_t, t, step)
+        finally:
+            self.true_cfg_scale = scale
+
+
+def widen_for_depth(transformer) -> None:
+    """Double the patch embedding's input channels (new columns zero) so depth tokens can be concatenated;
+    a no-op contribution until trained - only for bases without a depth variant (tiny models)."""
+    old = transformer.x_embedder
+    new = torch.nn.Linear(old.in_features * 2, old.out_features, bias=old.bias is not None,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old.in_features] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    transformer.x_embedder = new
+    transformer.register_to_config(in_channels=old.in_features * 2)
+
+
+def _decode(pipe, tokens: torch.Tensor, latent_hw) -> list[Image.Image]:
+    lat = flux_unpack_latents(tokens, latent_hw)
+    img = decode_latents(pipe.vae, lat.to(pipe.vae.dtype)).float().clamp(-1, 1)
+    return [Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for x in img]
+
+
+def generate_tuple(pipe, prompts: list[str], *, size: int, steps: int, guidance: float, generator: torch.Generator,
+                   fg: torch.Tensor | None = None, spans=None, corr=None, control: torch.Tensor | None = None,
+                   negative: str | None = None, true_cfg_scale: float = 1.0, warp_thresh: float = 0.8,
+                   msa: bool = True, backend: str = "sdpa", max_sequence_length: int = 512, progress: bool = True
+                   ) -> tuple[list[Image.Image], torch.Tensor | None, dict[str, Any]]:
+    """N images of one object jointly. fg: bool [N, gh, gw] known masks (rigid) or None (deformable: estimated
+    from `spans`); corr: correspondences for the latent warp; control: packed depth latents [N, L, C].
+    Returns (images, final token masks or None, info)."""
+    tr, device = pipe.transformer, pipe.transformer.device
+    n = len(prompts)
+    factor = pipe.vae_scale_factor
+    lh = lw = 2 * (size // (factor * 2))
+    gh, gw = lh // 2, lw // 2
+    cond = build_conditioning(pipe, prompts, [negative or ""] * n, do_cfg=true_cfg_scale > 1.0, device=device,
+                              max_sequence_length=max_sequence_length)
+    text_len = cond.embeds.shape[1]
+    hooks: list[Hook] = []
+    info: dict[str, Any] = {}
+    plan = store = None
+    handle = None
+    if msa and n > 1:
+        rot = stacked_key_rotary(tr, text_len, (lh, lw), n, device=device)
+        plan = msa_plan(fg, n, text_len=text_len, key_rotary=rot, backend=backend)
+        hooks.append(PlanGate(plan, lambda s: float(s.t) / 1000 < 1.0))
+        cond.attention = {"plan": plan}
+        if fg is None and spans is not None:
+            store = AttentionStore(spans, (gh, gw), dilate=1)
+            cond.attention["attn_store"] = store
+            hooks.append(MaskUpdate(store, plan))
+        from common.attention.plan import install_plan
+        handle = install_recording(tr) if store is not None else install_plan(tr)
+    warp = None
+    if corr is not None:
+        warp = LatentWarpHook(corr, (gh, gw), thresh=warp_thresh)
+        hooks.insert(0, warp)
+    try:
+        shape = (n, pipe.transformer.config.in_channels // (8 if control is not None else 4), lh, lw)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=tr.dtype)
+        x = flux_pack_latents(noise)
+        sched = flux_scheduler(pipe, steps, x.shape[1], device)
+        den = ControlDenoiser(tr, cond, flux_latent_image_ids((lh, lw), device=device), guidance,
+                              true_cfg_scale=true_cfg_scale, control=control)
+        with torch.no_grad():
+            x = sample(den, sched, x, hooks=hooks, progress=progress)
+    finally:
+        if handle is not None:
+            handle.restore()
+    if warp is not None:
+        info["warp_steps"] = warp.calls
+    masks = plan.token_masks if plan is not None else None
+    return _decode(pipe, x, (lh, lw)), masks, info
+
+
+# ------------------------------------------------------------------------------------------------- rigid
+
+
+def mesh_files(path: str) -> list[Path]:
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MESH_EXT) if root.is_dir() else []
+    if not files:
+        raise UsageError(f"--mesh_dir {path}: no meshes ({', '.join(MESH_EXT)})")
+    return files
+
+
+def rigid_views(mesh, num: int, size: int, rng: random.Random, tries: int = 20):
+    """Cameras (elevation in (0, 60) deg), depth at `size`, alpha masks, correspondences at 128^2 (or None)."""
+    for _ in range(tries):
+        elev = [rng.uniform(5, 55) for _ in range(num)]
+        azim = [rng.uniform(0, 360) for _ in range(num)]
+        cams128 = Cameras.orbit(elev, azim, distance=2.6, fov=40.0, size=128)
+        d128 = render_depth(mesh, cams128, 128)
+        corr = triplet_correspondences(d128, cams128) if num == 3 else None
+        if num != 3 or corr is not None:
+            break
+    cams = Cameras.orbit(elev, azim, distance=2.6, fov=40.0, size=size)
+    frags = rasterize(cams.to_clip(mesh.verts), mesh.faces, size, size)
+    from common.render.raster.maps import depth_map, normalize_depth
+
+    depth = depth_map(frags, cams)
+    if num == 2:  # the original works on triplets; a pair uses (0, 1) with 1 as the anchor
+        rows = triplet_correspondences(d128, cams128, min_fraction=0.0)
+        corr = {(0, 1): rows[(0, 1)]} if rows else None
+    return normalize_depth(depth, frags.mask), frags.mask, corr
+
+
+def depth_tokens(pipe, depth01: torch.Tensor) -> torch.Tensor:
+    """Depth maps [N, 1, H, W] in [0, 1] -> packed VAE latents [N, L, 4C] (3-channel, [-1, 1], scaled, no shift)."""
+    x = depth01.expand(-1, 3, -1, -1) * 2 - 1
+    vae = pipe.vae
+    with torch.no_grad():
+        lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return flux_pack_latents(lat)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _load_meta(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(build_parser(), argv)
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    rigid = args.mode == "rigid"
+    size = args.height or (512 if rigid else 1024)
+    steps = args.inference_steps or (30 if rigid else 50)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (10.0 if rigid else 3.5)
+    if rigid and not args.mesh_dir:
+        raise UsageError("--mode rigid needs --mesh_dir (OBJ/GLB meshes)")
+    if rigid and args.num not in (2, 3):
+        raise UsageError("--mode rigid generates pairs or triplets (--num 2 or 3)")
+    out = Path(args.outdir)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    meta_path = out / f"metadata_{rank}.json"
+    meta = _load_meta(meta_path)
+    done = {tuple(m["filenames"]) for m in meta}
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
+    pipe = load_pipeline(args.depth_model if rigid and args.depth_model else args.pretrained_model_name_or_path,
+                         torch_dtype=dtype)
+    if pipeline_family(pipe) != "flux":
+        raise UsageError("SynCD data generation runs on FLUX (FLUX.1-dev / FLUX.1-Depth-dev)")
+    device = args.device or state.device
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if size % (pipe.vae_scale_factor * 2):
+        raise UsageError(f"--height must be a multiple of {pipe.vae_scale_factor * 2}, got {size}")
+    rng = random.Random(args.seed)
+    if rigid:
+        packed = pipe.vae.config.latent_channels * 4
+        if pipe.transformer.config.in_channels == packed:
+            widen_for_depth(pipe.transformer)
+        meshes = mesh_files(args.mesh_dir)
+        jobs = [(m, k) for m in meshes for k in range(args.repeat_each_id)][: args.num_tuples * len(meshes)]
+    else:
+        jobs = deformable_prompts(args, rng)
+    for i, job in enumerate(tqdm(jobs, desc=f"tuples (rank {rank})", disable=not args.progress)):
+        if i % world != rank:
+            continue
+        names = [f"{i}_{rank}_{k}.jpg" for k in range(args.num)]
+        if tuple(names) in done and all((out / nm).is_file() for nm in names):
+            continue
+        g = torch.Generator(device).manual_seed(args.seed + rank + 1000 * i)
+        if rigid:
+            mesh_path, _ = job
+            mesh = normalize_mesh(load_mesh(mesh_path)).to(device)
+            depth, alpha, corr = rigid_views(mesh, args.num, size, rng)
+            caption = mesh_path.stem.replace("_", " ")
+            prompts = [rigid_prompt(f"a {caption}")] * args.num
+            lh = 2 * (size // (pipe.vae_scale_factor * 2))
+            fg = area_token_mask(alpha, (lh // 2, lh // 2))
+            images, _, info = generate_tuple(
+                pipe, prompts, size=size, steps=steps, guidance=guidance, generator=g, fg=fg,
+                corr=None if args.no_warp else corr, control=depth_tokens(pipe, depth), negative=RIGID_NEGATIVE,
+                true_cfg_scale=args.true_cfg_scale, warp_thresh=args.warp_thresh, msa=not args.no_msa,
+                backend=args.attention_backend, max_sequence_length=args.max_sequence_length, progress=False)
+            mask_imgs = [Image.fromarray((a.cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for a in alpha]
+            entry = {"filenames": names, "prompts": prompts, "objaverse_id": mesh_path.stem, "category": "rigid",
+                     "original_filenames": [f"{mesh_path.stem}_view{k}" for k in range(args.num)], **info}
+        else:
+            prompts = job["prompts"]
+            spans = [category_token_span(pipe.tokenizer_2, p, job["category"]) for p in prompts]
+            images, masks, info = generate_tuple(
+                pipe, prompts, size=size, steps=steps, guidance=guidance, generator=g, spans=spans,
+                msa=not args.no_msa, backend=args.attention_backend,
+                max_sequence_length=args.max_sequence_length, progress=False)
+            if masks is None:
+                masks = torch.ones(args.num, 1, 1, dtype=torch.bool)
+            up = F.interpolate(masks.float()[:, None], size=(size, size), mode="nearest")[:, 0]
+            mask_imgs = [Image.fromarray((m.cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for m in up]
+            entry = {"filenames": names, "prompts": prompts, "objaverse_id": None, "category": "deformable"}
+        for nm, img, m in zip(names, images, mask_imgs):
+            atomic_save_image(img, out / nm, quality=95)
+            atomic_save_image(m, out / "masks" / nm, quality=95)
+        meta = [m for m in meta if tuple(m["filenames"]) != tuple(names)] + [entry]
+        atomic_write_json(meta_path, meta)
+    state.wait_for_everyone()
+    if args.score and state.is_main_process:
+        from syncd.scores import score_folder
+
+        score_folder(out, tiny=args.tiny_backbones, dinov2=args.dinov2_model, aesthetic=args.aesthetic_model,
+                     device=str(device), progress=args.progress)
+    return out

@@ -1,0 +1,83 @@
+"""SynCD SDXL sampling (§3.4, `sample.py`): each step the references, noised to t, run once through the UNet
+with the LoRA off and write their self-attention K/V (foreground-masked) into a bank; the target then runs
+three ways - e_u (negative prompt, no references), e_i (negative prompt + references), e_c (prompt +
+references) - combined by the normalised guidance with the time-varying image scale
+s_img(t) = s0 + s_adapt (1000 - t) / 1000. (The original's IP-Adapter-Plus global image condition is not ported.)"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from PIL import Image
+
+from common.attention.plan import AttentionPlan, KVBank
+from common.attention.schedule import plan_installed
+from common.pipelines.conditioning import build_conditioning
+from common.pipelines.latents import decode_latents, encode_images
+from common.pipelines.loop import sample
+from common.train.conditioning import sdxl_add_time_ids
+from common.train.lora import lora_disabled
+from syncd.guidance import image_guidance_scale_at, normalized_guidance
+
+
+class SDXLReferenceDenoiser:
+    """denoiser(x_t [1, C, h, w], t, step) with the per-step reference write (LoRA off) and guided read."""
+
+    def __init__(self, pipe, cond, ref_cond, z_ref: torch.Tensor, ref_noise: torch.Tensor, masks: torch.Tensor | None,
+                 size: int, *, guidance_scale: float, image_guidance_scale: float, adaptive_image_guidance_scale: float):
+        self.pipe, self.unet, self.sched = pipe, pipe.unet, pipe.scheduler
+        self.cond, self.ref_cond = cond, ref_cond
+        self.z_ref, self.ref_noise = z_ref, ref_noise
+        self.bank = KVBank(masks=masks)
+        self.time_ids = sdxl_add_time_ids((size, size), (0, 0), (size, size), batch=1, device=z_ref.device)
+        self.s_txt, self.s0, self.s_adapt = guidance_scale, image_guidance_scale, adaptive_image_guidance_scale
+        self.has_lora = any("lora_" in n for n, _ in self.unet.named_parameters())
+
+    def _unet(self, x, t, embeds, pooled, bank_mode: str):
+        self.bank.mode = bank_mode
+        b = x.shape[0]
+        dtype = self.unet.dtype
+        return self.unet(x.to(dtype), t, encoder_hidden_states=embeds.expand(b, -1, -1).to(dtype),
+                         added_cond_kwargs={"text_embeds": pooled.expand(b, -1).to(dtype),
+                                            "time_ids": self.time_ids.expand(b, -1).to(dtype)},
+                         cross_attention_kwargs={"plan": AttentionPlan(kv_bank=self.bank)}, return_dict=False)[0]
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
+        r = self.z_ref.shape[0]
+        refs = self.sched.add_noise(self.z_ref, self.ref_noise, t.reshape(1).expand(r))
+        self.bank.clear()
+        ctx = lora_disabled(self.unet) if self.has_lora else contextlib.nullcontext()
+        with ctx:
+            self._unet(refs, t, self.ref_cond.embeds, self.ref_cond.pooled, "write")
+        self.bank.read_index = torch.arange(r, device=x_t.device)[None]
+        c = self.cond
+        e_u = self._unet(x_t, t, c.negative, c.negative_pooled, "off")
+        e_i = self._unet(x_t, t, c.negative, c.negative_pooled, "read")
+        e_c = self._unet(x_t, t, c.embeds, c.pooled, "read")
+        s_img = image_guidance_scale_at(float(t), self.s0, self.s_adapt)
+        return normalized_guidance(e_u, e_i, e_c, self.s_txt, s_img).to(x_t.dtype)
+
+
+@torch.no_grad()
+def generate_sdxl(pipe, prompt: str, refs: torch.Tensor, masks: torch.Tensor | None = None, *, ref_prompt: str = "",
+                  num_inference_steps: int = 50, guidance_scale: float = 7.5, image_guidance_scale: float = 8.0,
+                  adaptive_image_guidance_scale: float = 5.0, negative_prompt: str = "",
+                  generator: torch.Generator | None = None, progress: bool = True) -> Image.Image:
+    """refs [k, 3, S, S] in [-1, 1], masks bool [k, S, S] or None -> one S x S image."""
+    unet, device = pipe.unet, pipe.unet.device
+    size = refs.shape[-1]
+    z_ref = encode_images(pipe.vae, refs.to(device), generator)
+    cond = build_conditioning(pipe, [prompt], [negative_prompt], do_cfg=True, device=device)
+    ref_cond = build_conditioning(pipe, [ref_prompt] * refs.shape[0], do_cfg=False, device=device)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (1, z_ref.shape[1], z_ref.shape[2], z_ref.shape[3])
+    x = torch.randn(shape, generator=generator, device=device, dtype=z_ref.dtype) * pipe.scheduler.init_noise_sigma
+    ref_noise = torch.randn(z_ref.shape, generator=generator, device=device, dtype=z_ref.dtype)
+    den = SDXLReferenceDenoiser(pipe, cond, ref_cond, z_ref, ref_noise,
+                                None if masks is None else masks.to(device), size, guidance_scale=guidance_scale,
+                                image_guidance_scale=image_guidance_scale,
+                                adaptive_image_guidance_scale=adaptive_image_guidance_scale)
+    with plan_installed(unet, where="attn1"):
+        x = sample(den, pipe.scheduler, x, progress=progress)
+    img = decode_latents(pipe.vae, x).float().clamp(-1, 1)[0]
+    return Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
