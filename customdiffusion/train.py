@@ -26,6 +26,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from common.cli import ArgumentParser, parse_args
+from common.data import check_images, list_images
 from common.errors import UsageError
 from common.models.loading import load_pipeline, pipeline_family
 from common.models.tokens import add_tokens_to_pipeline, mask_embedding_grad, split_plus, text_pairs
@@ -34,6 +35,7 @@ from common.pipelines.latents import encode_images
 from common.pipelines.prompts import encode_tokens, tokenize
 from common.pipelines.text2image import generate
 from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
+from common.train.conditioning import sdxl_add_time_ids
 from common.train.diffusion import noise_latents
 from customdiffusion import attention
 from customdiffusion.adapter import write_concept_manifest
@@ -121,6 +123,8 @@ def check_args(args: argparse.Namespace, concepts: list[Concept]) -> None:
             raise UsageError(f"instance prompt {c.instance_prompt!r} uses none of the modifier tokens {tokens}")
     if args.resolution < 1:
         raise UsageError(f"--resolution must be positive, got {args.resolution}")
+    for c in concepts:  # a bad instance image is reported before any model loads, not minutes into training
+        check_images(list_images(c.instance_data_dir))
 
 
 def prior_lr_factor(args: argparse.Namespace) -> float:
@@ -257,9 +261,10 @@ class CustomDiffusionMethod(TrainingMethod):
         embeds, pooled = encode_tokens(encoders, tokenize(self.pipe, batch["prompts"]), self.family)
         added = None
         if self.family == "sdxl":
-            s = self.args.resolution
-            time_ids = torch.tensor([[s, s, 0, 0, s, s]], device=self.device, dtype=embeds.dtype)
-            added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pixels), 1)}
+            s = self.args.resolution  # no crop: original size = target size = the training resolution
+            time_ids = sdxl_add_time_ids((s, s), (0, 0), (s, s), batch=len(pixels), dtype=embeds.dtype,
+                                         device=self.device)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
         dtype = self.pipe.unet.dtype
         pred = self.unet(noised.x_t.to(dtype), noised.t, embeds.to(dtype), added_cond_kwargs=added).sample
         mask = batch["mask"].to(self.device)

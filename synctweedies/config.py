@@ -116,7 +116,8 @@ def panorama_parser() -> ArgumentParser:
     g = p.add_argument_group("panorama")
     g.add_argument("--prompt", default="a bedroom with a window", help="text prompt")
     g.add_argument("--negative_prompt", default=NEGATIVE, help="negative prompt")
-    g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
+    g.add_argument("--steps", "--num_inference_steps", dest="steps", type=positive_int, default=30,
+                   help="denoising steps (--num_inference_steps is an alias)")
     g.add_argument("--guidance_scale", type=float, default=25.0, help="CFG scale")
     g.add_argument("--cond_type", choices=("depth",), default="depth", help="ControlNet condition")
     g.add_argument("--conditioning_scale", type=float, default=0.7, help="ControlNet scale at the first step")
@@ -183,7 +184,8 @@ def mesh_parser() -> ArgumentParser:
                    "file's folder")
     g.add_argument("--prompt", required=True, help="text prompt (a view direction suffix is added per view)")
     g.add_argument("--negative_prompt", default=NEGATIVE, help="negative prompt")
-    g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
+    g.add_argument("--steps", "--num_inference_steps", dest="steps", type=positive_int, default=30,
+                   help="denoising steps (--num_inference_steps is an alias)")
     g.add_argument("--guidance_scale", type=float, default=15.5, help="CFG scale")
     g.add_argument("--model", default="controlnet", help="controlnet (= --sd_path + --controlnet_path) or a "
                    "preset, e.g. tiny-sd (with tiny-controlnet)")
@@ -247,7 +249,8 @@ def gs_parser() -> ArgumentParser:
     g.add_argument("--log_interval", type=nonnegative_int, default=2, help="save x0|t view previews every N steps (0: off)")
     g.add_argument("--prompt", required=True, help="text prompt")
     g.add_argument("--negative_prompt", default=NEGATIVE, help="negative prompt")
-    g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
+    g.add_argument("--steps", "--num_inference_steps", dest="steps", type=positive_int, default=30,
+                   help="denoising steps (--num_inference_steps is an alias)")
     g.add_argument("--guidance_scale", type=float, default=35.0, help="CFG scale")
     g.add_argument("--model", default="controlnet", help="controlnet (= --sd_path + --controlnet_path) or a "
                    "preset, e.g. tiny-sd (with tiny-controlnet)")

@@ -450,3 +450,30 @@ def test_prior_generation_in_low_precision_leaves_training_weights_untouched(dem
     base = build_tiny("tiny-sd").unet.state_dict()
     for key, value in load_weights(out / "pytorch_custom_diffusion_weights.safetensors").items():
         assert torch.equal(value, base[key.replace(".processor.", ".").replace("_custom_diffusion", "")]), key
+
+
+def test_bad_instance_image_is_reported_before_the_model_loads(demo, tmp_path, monkeypatch):
+    import shutil
+
+    import customdiffusion.train as cd_train
+
+    folder = tmp_path / "instances"
+    shutil.copytree(demo / "instances" / "toy_robot", folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (1, 1)).save(folder / "tiny.png")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(cd_train, "load_pipeline", no_model)
+    for bad in ("broken.png", "tiny.png"):
+        other = "tiny.png" if bad == "broken.png" else "broken.png"
+        moved = tmp_path / other
+        shutil.move(folder / other, moved)
+        flags = _flags(demo, tmp_path / "out", "--max_train_steps", "1")
+        flags[flags.index(str(demo / "instances" / "toy_robot"))] = str(folder)
+        with pytest.raises(UsageError) as err:
+            main(flags)
+        assert bad in str(err.value) and "\n" not in str(err.value)
+        shutil.move(moved, folder / other)
+        assert not (tmp_path / "out").exists()  # nothing written

@@ -230,3 +230,16 @@ def test_apps_come_from_the_registry_and_case_num_is_an_int(tmp_path, monkeypatc
     cfg.write_text("app: wide_image\nprompt: p\ncase_num: '5'\n")
     main(["--config", str(cfg)])
     assert seen[-1].case_num == 5
+
+
+def test_num_inference_steps_is_an_alias_of_the_original_steps_flag():
+    """The shared dialect's name works beside the original `--steps` of the panorama / mesh / gs apps."""
+    from synctweedies.config import gs_parser, mesh_parser, panorama_parser
+
+    for app, parser in (("panorama", panorama_parser()), ("mesh", mesh_parser()), ("gs", gs_parser())):
+        required = {"panorama": [], "mesh": ["--tag", "t", "--mesh", "m.obj", "--prompt", "p"],
+                    "gs": ["--save_top_dir", "d", "--tag", "t", "--prompt", "p"]}
+        base = ["--app", app, *required[app]]
+        original, _ = parser.parse_known_args(base + ["--steps", "7"])
+        alias, _ = parser.parse_known_args(base + ["--num_inference_steps", "7"])
+        assert original.steps == alias.steps == 7
