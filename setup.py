@@ -18,7 +18,10 @@ setup(
         include=["common*", "plainsample*", "customdiffusion*", "synctweedies*", "mipadapter*", "mudi*", "syncd*"]
     ),
     install_requires=requirements,
-    entry_points={"customization_suite.adapters": ["customdiffusion = customdiffusion.adapter:register"]},
+    entry_points={"customization_suite.adapters": [
+        "customdiffusion = customdiffusion.adapter:register",
+        "mipadapter = mipadapter.adapter:register",
+    ]},
     # Optional backends: each absent one gives a one-line error naming its extra.
     extras_require={
         "gsplat": ["gsplat"],

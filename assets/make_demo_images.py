@@ -1,10 +1,11 @@
 """Draw the small demo concept images used by smoke runs and tests (our own, made in code).
 
-    python assets/make_demo_images.py            # writes assets/demo/<concept>/*.png
+    python assets/make_demo_images.py            # writes assets/demo/<concept>/*.png and assets/demo/mudi_toys/
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -49,11 +50,37 @@ def make(out: Path, size: int = 128, per_concept: int = 2) -> list[Path]:
     return paths
 
 
+# MuDI's layout (metadata.jsonl: line 1 maps ids to phrases, then one line per image with its mask)
+MUDI_SUBJECTS = {"a": ("toy_robot", "olis toy robot"), "b": ("teapot", "hta teapot")}
+
+
+def make_mudi(out: Path, size: int = 128, per_concept: int = 2) -> list[Path]:
+    """The two demo concepts as a MuDI training folder; a mask is every pixel off the plain background."""
+    folder = out / "mudi_toys"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": {k: phrase for k, (_, phrase) in MUDI_SUBJECTS.items()}})]
+    paths = []
+    for key, (name, phrase) in MUDI_SUBJECTS.items():
+        bg, colour, kind = CONCEPTS[name]
+        for v in range(per_concept):
+            img = draw(kind, bg, colour, size, v)
+            mask = Image.new("L", img.size, 0)
+            mask.putdata([0 if px == bg else 255 for px in img.getdata()])
+            stem = f"{key}{v:02d}"
+            img.save(folder / f"{stem}.png")
+            mask.save(folder / f"mask_{stem}.png")
+            paths += [folder / f"{stem}.png", folder / f"mask_{stem}.png"]
+            lines.append(json.dumps({"id": key, "file_name": f"{stem}.png", "mask_path": f"mask_{stem}.png",
+                                     "text": f"A photo of a {phrase}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return paths + [folder / "metadata.jsonl"]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo", help="output folder")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--per_concept", type=int, default=2, help="images per concept")
     args = parser.parse_args()
-    for p in make(args.out, args.size, args.per_concept):
+    for p in make(args.out, args.size, args.per_concept) + make_mudi(args.out, args.size, args.per_concept):
         print(p)

@@ -2,12 +2,14 @@
 
   assets/render/torus.obj + torus.mtl + torus.png   a UV-mapped torus with a 128x128 colour-grid texture
   assets/render/gaussians.ply                       300 Gaussians on a sphere, SH degree 1, 3DGS layout
+  assets/render/gs_cameras/transforms_train.json    4 Blender-style cameras on a ring around it (tiny_gs.yaml)
 
 python assets/make_render_assets.py [--out assets/render]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -52,6 +54,24 @@ def sphere_gaussians(n: int = 300, seed: int = 0) -> Gaussians:
                      sh_rest=torch.randn(n, 3, 3, generator=g) * 0.02)
 
 
+def ring_cameras(n: int = 4, dist: float = 3.0, size: int = 64, elevation: float = 0.3) -> dict:
+    """A Blender `transforms_train.json`: n cameras (OpenGL camera-to-world) on a ring looking at the origin."""
+    frames = []
+    for i in range(n):
+        az = 2 * math.pi * i / n
+        c = torch.tensor([dist * math.cos(elevation) * math.sin(az), dist * math.sin(elevation),
+                          dist * math.cos(elevation) * math.cos(az)], dtype=torch.float64)
+        fwd = -c / c.norm()
+        right = torch.linalg.cross(fwd, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+        right = right / right.norm()
+        up = torch.linalg.cross(right, fwd)
+        m = torch.eye(4, dtype=torch.float64)
+        m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, up, -fwd, c
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": [[round(float(v), 6) for v in row]
+                                                                           for row in m]})
+    return {"camera_angle_x": 0.69, "w": size, "h": size, "frames": frames}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "render"))
@@ -60,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     mesh = torus_mesh(n_major=32, n_minor=16)
     save_obj(out / "torus.obj", mesh, grid_texture())
     save_ply(out / "gaussians.ply", sphere_gaussians())
+    (out / "gs_cameras").mkdir(parents=True, exist_ok=True)
+    (out / "gs_cameras" / "transforms_train.json").write_text(json.dumps(ring_cameras(), indent=1) + "\n")
     for p in sorted(out.iterdir()):
         print(f"{p}  {p.stat().st_size / 1024:.1f} KB")
 

@@ -253,6 +253,18 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise _corrupt(path, e) from None
 
 
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Read only the header of a .safetensors file, so that a corrupt or truncated one is a one-line UsageError
+    before a library (e.g. diffusers' `load_lora_weights`) fails on it with a traceback."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(path, e) from None
+
+
 def load_weights(
     path: str | os.PathLike,
     *,

@@ -11,7 +11,7 @@ from common.models.adapters import AdapterHandle, read_manifest, register_adapte
 from mipadapter.model import MIPAdapter
 
 KIND = "mip_adapter"
-WEIGHTS = "model.safetensors"
+WEIGHTS = "mip_adapter.safetensors"  # not model.safetensors: accelerate writes that into checkpoints
 
 
 def write_mip_manifest(directory: str | Path, *, variant: str, image_encoder: str, scale: float,

@@ -167,8 +167,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.ip_step_range[0] >= args.ip_step_range[1]:
         raise UsageError(f"--ip_step_range START must be below END, got {args.ip_step_range}")
     refs_mod.masks_for(references, args.ref_mask)  # bad words before loading the model
-    if len({r.word.lower() for r in references}) < len(references):
-        raise UsageError("two references share a word")
     out_dir = Path(args.output_dir)
     stem = safe_name(args.prompt)
     targets = [out_dir / f"{stem}_gen_{i}.png" for i in range(args.num_samples)]

@@ -77,7 +77,7 @@ def drop_masks(draw: torch.Tensor, i_rate: float, t_rate: float, ti_rate: float)
 
 class MIPTraining(TrainingMethod):
     name = "mipadapter"
-    weights_name = "model"
+    weights_name = "mip_adapter"
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -114,8 +114,7 @@ class MuDIDataset(Dataset):
                                  "match the instance ids")
         records = list(meta.records) + (list(class_meta.records) if class_meta is not None else [])
         for r in records:  # validate masks up front: a bad one fails before any model loads
-            with Image.open(r.image) as img:
-                mask = load_mask_u8(r.mask, img.size)
+            mask = load_mask_u8(r.mask, load_rgb(r.image).size)  # an unreadable image is a UsageError too
             try:
                 crop_subject(np.zeros((*mask.shape, 3), np.uint8), mask)
             except UsageError as e:

@@ -3,10 +3,11 @@
 The subjects of the init collage are the ids whose placeholder phrase (metadata.jsonl line 1) appears in the
 prompt, in prompt order, one reference image (+ mask) each. `--gamma 0` (or no --instance_data_dir) samples
 plainly; FLUX always does (the original's FLUX pipeline has no init). Other adapters stack through --adapters.
-Writes <output_dir>/<prompt slug>_<i>.png, a grid per prompt and the init collage.
+Writes <output_dir>/<prompt slug>_<i>.png, a grid per prompt, the init collage and prompts.json (image -> prompt).
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -87,11 +88,34 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         from mudi.metadata import read_metadata
 
         meta = read_metadata(args.instance_data_dir)
+        _check_references(args, meta)
     return _sample(args, model, sampling, prompts, meta)
 
 
-def _init_hook(pipe, meta, prompt: str, args, height: int, width: int, out: Path):
-    """The mean-shift hook for `prompt` (None when fewer than two subjects are named), and its collage saved."""
+def _check_references(args, meta) -> None:
+    """The collage's folder must be the LoRA's training folder (same subjects, per `mudi_config.json`) and hold
+    an image `--init_image_index` of every subject; refused before any model loads."""
+    trained = Path(args.lora) / "mudi_config.json" if args.lora else None
+    if trained is not None and trained.is_file():
+        try:
+            id_map = json.loads(trained.read_text(encoding="utf-8")).get("id_map")
+        except (OSError, ValueError, AttributeError):
+            id_map = None
+        if isinstance(id_map, dict) and id_map != meta.id_map:
+            raise UsageError(f"--instance_data_dir {args.instance_data_dir} has {len(meta.id_map)} subject(s) "
+                             f"({', '.join(meta.id_map.values())}) but --lora {args.lora} was trained on "
+                             f"{len(id_map)} ({', '.join(map(str, id_map.values()))}); pass its training folder")
+    if args.init_image_index < 0:
+        raise UsageError(f"--init_image_index must be >= 0, got {args.init_image_index}")
+    for key, records in meta.by_id().items():
+        if records and args.init_image_index >= len(records):
+            raise UsageError(f"--init_image_index {args.init_image_index} but subject {key} "
+                             f"({meta.id_map.get(key, key)}) has {len(records)} image(s)")
+
+
+def _init_hook(pipe, meta, prompt: str, args, height: int, width: int):
+    """The mean-shift hook for `prompt` and its collage image (None, None when fewer than two subjects are named).
+    Nothing is written here, so a bad reference image or mask fails before the output folder exists."""
     import numpy as np
     import torch
     from PIL import Image
@@ -102,7 +126,7 @@ def _init_hook(pipe, meta, prompt: str, args, height: int, width: int, out: Path
     if len(ids) < 2:
         print(f"mean-shift init skipped for {prompt!r}: it names {len(ids)} subject phrase(s) of "
               f"{', '.join(meta.id_map.values())}")
-        return None
+        return None, None
     groups = meta.by_id()
     refs = []
     for key in ids:
@@ -113,11 +137,23 @@ def _init_hook(pipe, meta, prompt: str, args, height: int, width: int, out: Path
         refs.append(subject_from_files(rec.image, rec.mask))
     seed = args.seed if args.init_seed is None else args.init_seed
     result = init_collage([r[0] for r in refs], [r[1] for r in refs], height, width, rng=random.Random(seed))
-    from common.io import atomic_save_image
-
-    atomic_save_image(Image.fromarray(np.ascontiguousarray(result.image)), out / f"{slug(prompt)}_init.png")
+    collage = Image.fromarray(np.ascontiguousarray(result.image))
     shift = mean_shift_latent(pipe.vae, result, args.gamma, generator=torch.Generator(pipe.device).manual_seed(seed))
-    return MeanShiftInit(shift.to(pipe.unet.dtype), pipe.scheduler)
+    return MeanShiftInit(shift.to(pipe.unet.dtype), pipe.scheduler), collage
+
+
+def _record_prompts(path: Path, entries: dict[str, str]) -> None:
+    """Merge image name -> prompt into `prompts.json` (what eval_mudi.py reads for CLIP-T), rewritten atomically
+    after every prompt so that no finished image lacks its prompt."""
+    from common.io import atomic_write_json
+
+    table = {}
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            table = {}
+    atomic_write_json(path, {**(table if isinstance(table, dict) else {}), **entries})
 
 
 def _sample(args, model: ModelConfig, sampling: SamplingConfig, prompts: list[str], meta) -> list[Path]:
@@ -141,16 +177,18 @@ def _sample(args, model: ModelConfig, sampling: SamplingConfig, prompts: list[st
     apply_adapters(pipe, model.adapters)
     dh, dw = default_size(pipe)
     height, width = sampling.height or dh, sampling.width or dw
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if family == "flux" and meta is not None:
         print("FLUX samples without the mean-shifted init (as the original)")
+    inits = {q: _init_hook(pipe, meta, q, args, height, width) if family == "sdxl" and meta is not None
+             else (None, None) for q in prompts}  # every reference read before anything is written
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for prompt in prompts:
-        hooks = ()
-        if family == "sdxl" and meta is not None:
-            hook = _init_hook(pipe, meta, prompt, args, height, width, out)
-            hooks = (hook,) if hook is not None else ()
+        hook, collage = inits[prompt]
+        hooks = (hook,) if hook is not None else ()
+        if collage is not None:
+            atomic_save_image(collage, out / f"{slug(prompt)}_init.png")
         images = []
         for i in tqdm(range(args.num_images), desc=f"sampling {slug(prompt)[:30]}", leave=False):
             generator = torch.Generator(model.device).manual_seed(sampling.seed + i)
@@ -163,5 +201,6 @@ def _sample(args, model: ModelConfig, sampling: SamplingConfig, prompts: list[st
             atomic_save_image(image, path)
             written.append(path)
         atomic_save_image(grid(images), out / f"{slug(prompt)}_grid.png")
+        _record_prompts(out / "prompts.json", {p.name: prompt for p in written[-len(images):]})
         print(f"wrote {len(images)} images of {prompt!r} to {out}")
     return written

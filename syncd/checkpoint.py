@@ -86,3 +86,67 @@ def load_syncd_checkpoint(transformer: torch.nn.Module, path: str | os.PathLike,
     dtype = next(transformer.parameters()).dtype
     transformer.load_state_dict({k: v.to(dtype) for k, v in matched.items()}, strict=False)
     return len(matched)
+
+
+# ---------------------------------------------------------------------------------------------- SDXL (Lightning)
+
+#: Where the IP-Adapter weights may sit inside the Lightning `state_dict` (§4 names no exact prefix): the released
+#: file's own sub-dict names, or the IP-Adapter training code's module names (`image_proj_model`,
+#: `adapter_modules.{n}` with n the processor slot, the released numbering).
+IP_PREFIXES: dict[str, str] = {"image_proj.": "image_proj", "image_proj_model.": "image_proj",
+                               "ip_adapter.": "ip_adapter", "adapter_modules.": "ip_adapter"}
+
+
+def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_PREFIX
+                                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]] | None]:
+    """`sdxl_finetuned_20k.ckpt` ({"state_dict": {...}, ...}, torch.load weights_only=True) -> (LoRA keys with
+    `prefix`, IP-Adapter {"image_proj", "ip_adapter"} or None). Strict: every key must be one of the two kinds."""
+    from common.io import safe_torch_load
+
+    path = Path(path)
+    try:
+        ckpt = safe_torch_load(path)
+    except UsageError as e:
+        if "pickled Python objects" not in str(e):
+            raise
+        raise UsageError(f"{path} holds pickled Python objects that weights_only loading refuses; if you trust it, "
+                         f"convert once: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                         f"torch.save({{'state_dict': c['state_dict']}}, '{path.with_suffix('.weights.ckpt')}')\"") \
+            from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UsageError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict)")
+    lora: dict[str, torch.Tensor] = {}
+    ip: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in ckpt["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        if key.startswith(prefix) and ".lora_" in key:
+            lora[key] = value
+            continue
+        head = next((p for p in IP_PREFIXES if key.startswith(p)), None)
+        if head is None:
+            raise UsageError(f"{path}: state_dict key {key!r} is neither UNet LoRA ({prefix}...lora_A/B) nor "
+                             f"IP-Adapter ({', '.join(IP_PREFIXES)})")
+        ip[IP_PREFIXES[head]][key[len(head):]] = value
+    if not lora:
+        raise UsageError(f"{path}: no UNet LoRA keys ({prefix}...lora_A/B) in its state_dict")
+    if bool(ip["image_proj"]) != bool(ip["ip_adapter"]):
+        raise UsageError(f"{path}: IP-Adapter weights need both the image projection and to_k_ip/to_v_ip")
+    return lora, (ip if ip["ip_adapter"] else None)
+
+
+def load_sdxl_lightning_checkpoint(unet: torch.nn.Module, path: str | os.PathLike, *,
+                                   image_encoder=None, ip_adapter_scale: float = 0.6):
+    """Load the UNet LoRA (strict, as `load_syncd_checkpoint`) and, when present, the IP-Adapter-Plus weights
+    (strict key/shape check against this UNet). Returns (number of LoRA tensors, IPAdapter handle or None)."""
+    import tempfile
+
+    from common.models.ip_adapter import load_ip_adapter
+
+    lora, ip = read_sdxl_lightning_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:  # reuse the strict LoRA loader on the extracted keys
+        flat = Path(tmp) / "pytorch_model.safetensors"
+        save_weights({k: v.contiguous() for k, v in lora.items()}, flat)
+        n = load_syncd_checkpoint(unet, flat, target_modules=SDXL_TARGETS, prefix=SDXL_PREFIX)
+    handle = None if ip is None else load_ip_adapter(unet, ip, image_encoder=image_encoder, scale=ip_adapter_scale)
+    return n, handle

@@ -61,6 +61,37 @@ def square_crop_with_mask(img: Image.Image, mask: Image.Image, rng: random.Rando
     return img.crop(box), mask.crop(box)
 
 
+def read_metadata(path: Path) -> list[dict[str, Any]]:
+    """The tuples of one metadata file; a file that is not a list of {filenames, prompts} of equal length (as
+    the generator writes) is a one-line UsageError, not a traceback mid-way."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or remove it") from None
+    if not isinstance(entries, list):
+        raise UsageError(f"{path} must hold a list of tuples ({{\"filenames\": [...], \"prompts\": [...]}})")
+    for k, entry in enumerate(entries):
+        names = entry.get("filenames") if isinstance(entry, dict) else None
+        prompts = entry.get("prompts") if isinstance(entry, dict) else None
+        if not isinstance(names, list) or not isinstance(prompts, list):
+            raise UsageError(f"{path}: tuple {k} needs lists \"filenames\" and \"prompts\"")
+        if len(names) != len(prompts):
+            raise UsageError(f"{path}: tuple {k} has {len(names)} filenames but {len(prompts)} prompts; "
+                             "they must match one to one")
+    return entries
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image file; an unreadable one is a UsageError."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise UsageError(f"cannot read image {path}: {' '.join(str(e).split())}; replace or remove the file") from None
+
+
 class SynCDDataset(Dataset):
     """Tuples from one or more SynCD folders. numref = -1: every valid image of a tuple; numref > 0: a tuple
     of numref + 1 (resampled with horizontal flips when short). drop rates: per sample one draw c;
@@ -80,7 +111,7 @@ class SynCDDataset(Dataset):
             if not files:
                 raise UsageError(f"{root} has no {'*metadata_with_scores.json' if filtered else '*metadata.json'}")
             for f in files:
-                for entry in json.loads(f.read_text()):
+                for entry in read_metadata(f):
                     keep = valid_images(entry, filter_aesthetics, filter_dino)
                     if len(keep) >= 2:
                         self.items.append((root, [entry["filenames"][i] for i in keep],
@@ -98,11 +129,11 @@ class SynCDDataset(Dataset):
                 if not (root / name).is_file():
                     raise UsageError(f"missing image {root / name}")
                 mpath = root / "masks" / f"{Path(name).stem}.jpg"
+                size = _image_size(root / name)
                 if mpath.is_file():
-                    with Image.open(root / name) as img, Image.open(mpath) as mask:
-                        if img.size != mask.size:
-                            raise UsageError(f"mask {mpath} is {mask.size[0]}x{mask.size[1]}, its image "
-                                             f"{img.size[0]}x{img.size[1]}")
+                    msize = _image_size(mpath)
+                    if size != msize:
+                        raise UsageError(f"mask {mpath} is {msize[0]}x{msize[1]}, its image {size[0]}x{size[1]}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))  # seeded per item by the Trainer

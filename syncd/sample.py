@@ -25,7 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ref_images", required=True, nargs="+",
                    help="a folder of reference images (the first --numref in sorted order) or image files")
     p.add_argument("--finetuned_path", default=None,
-                   help="SynCD checkpoint: pytorch_model.bin (released) / .safetensors (ours) or its folder")
+                   help="SynCD checkpoint: pytorch_model.bin (released) / .safetensors (ours) or its folder; SDXL "
+                        "also sdxl_finetuned_20k.ckpt (Lightning: UNet LoRA + IP-Adapter)")
     p.add_argument("--outdir", default=None, help="output folder (default: ./samples_flux FLUX, ./samples SDXL)")
     p.add_argument("--num_images_per_prompt", type=positive_int, default=4, help="images (default: %(default)s)")
     p.add_argument("--inference_steps", "--num_inference_steps", dest="inference_steps", type=positive_int,
@@ -42,7 +43,12 @@ def build_parser() -> ArgumentParser:
                    help="SDXL: s_img(t) = s0 + this * (1000 - t) / 1000 (default: %(default)s)")
     p.add_argument("--ref_category", default=None, help='SDXL: reference prompts "photo of a {category}"')
     p.add_argument("--ip_adapter_scale", type=float, default=0.6,
-                   help="SDXL: IP-Adapter scale of the original (accepted; the IP-Adapter branch is not ported)")
+                   help="SDXL: scale of the IP-Adapter-Plus global image condition (default: %(default)s)")
+    p.add_argument("--ip_adapter_path", default=None,
+                   help="SDXL: IP-Adapter-Plus weights (ip-adapter-plus_sdxl_vit-h.bin / .safetensors); the first "
+                        "reference is its image. Not needed when --finetuned_path is a Lightning .ckpt holding them")
+    p.add_argument("--image_encoder", default=None,
+                   help="SDXL: image encoder of the IP-Adapter (preset, hub id or folder; default: clip-vit-h-14)")
     p.add_argument("--negative_prompt", default=None, help=f"negative prompt (default FLUX: {NEGATIVE_PROMPT!r}; SDXL: '')")
     p.add_argument("--seed", type=int, default=42, help="seed; image k uses seed + k (default: %(default)s)")
     p.add_argument("--height", "--resolution", dest="height", type=positive_int, default=512,
@@ -117,13 +123,30 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     flux = family == "flux"
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if flux and (args.ip_adapter_path or args.image_encoder):
+        raise UsageError("--ip_adapter_path / --image_encoder are for SDXL; the FLUX model has no IP-Adapter")
+    ip_adapter = None
     if args.finetuned_path:
-        from syncd.checkpoint import SDXL_PREFIX, SDXL_TARGETS, load_syncd_checkpoint
+        from syncd.checkpoint import (SDXL_PREFIX, SDXL_TARGETS, load_sdxl_lightning_checkpoint,
+                                      load_syncd_checkpoint)
 
         if flux:
             load_syncd_checkpoint(pipe.transformer, args.finetuned_path)
+        elif Path(args.finetuned_path).suffix == ".ckpt":
+            if args.ip_adapter_path:
+                from syncd.checkpoint import read_sdxl_lightning_checkpoint
+
+                if read_sdxl_lightning_checkpoint(args.finetuned_path)[1] is not None:
+                    raise UsageError(f"{args.finetuned_path} already holds IP-Adapter weights; drop --ip_adapter_path")
+            ip_adapter = load_sdxl_lightning_checkpoint(pipe.unet, args.finetuned_path, image_encoder=args.image_encoder,
+                                                        ip_adapter_scale=args.ip_adapter_scale)[1]
         else:
             load_syncd_checkpoint(pipe.unet, args.finetuned_path, target_modules=SDXL_TARGETS, prefix=SDXL_PREFIX)
+    if args.ip_adapter_path and not flux:
+        from common.models.ip_adapter import load_ip_adapter
+
+        ip_adapter = load_ip_adapter(pipe, args.ip_adapter_path, image_encoder=args.image_encoder,
+                                     scale=args.ip_adapter_scale)
     steps = args.inference_steps or (30 if flux else 50)
     masks = None if flux else reference_masks(paths, args.height)
     for k, out in enumerate(outs):
@@ -144,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                                 guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
                                 image_guidance_scale=8.0 if args.image_guidance_scale is None else args.image_guidance_scale,
                                 adaptive_image_guidance_scale=args.adaptive_image_guidance_scale,
-                                negative_prompt=args.negative_prompt or "", generator=g)
+                                negative_prompt=args.negative_prompt or "", generator=g, ip_adapter=ip_adapter)
         atomic_save_image(img, out)
         print(out)
     table_path = outdir / "prompts.json"  # {image: prompt}, what common/eval reads

@@ -2,13 +2,21 @@
 with the LoRA off and write their self-attention K/V (foreground-masked) into a bank; the target then runs
 three ways - e_u (negative prompt, no references), e_i (negative prompt + references), e_c (prompt +
 references) - combined by the normalised guidance with the time-varying image scale
-s_img(t) = s0 + s_adapt (1000 - t) / 1000. (The original's IP-Adapter-Plus global image condition is not ported.)"""
+s_img(t) = s0 + s_adapt (1000 - t) / 1000.
+
+Optional IP-Adapter-Plus global image condition (`ip-adapter-plus_sdxl_vit-h.bin` or the one inside
+`sdxl_finetuned_20k.ckpt`): the FIRST reference image, through `added_cond_kwargs["image_embeds"]`. The image-
+conditional passes (reference write, e_i, e_c) get its embeds; e_u gets the negative (zero-image) embeds, so
+e_u stays text- and image-unconditional (our reading; the spec does not say per pass)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 from PIL import Image
+
+from common.errors import UsageError
+from common.models.ip_adapter import IPAdapter, loaded_ip_adapters
 
 from common.attention.plan import AttentionPlan, KVBank
 from common.attention.schedule import plan_installed
@@ -24,7 +32,8 @@ class SDXLReferenceDenoiser:
     """denoiser(x_t [1, C, h, w], t, step) with the per-step reference write (LoRA off) and guided read."""
 
     def __init__(self, pipe, cond, ref_cond, z_ref: torch.Tensor, ref_noise: torch.Tensor, masks: torch.Tensor | None,
-                 size: int, *, guidance_scale: float, image_guidance_scale: float, adaptive_image_guidance_scale: float):
+                 size: int, *, guidance_scale: float, image_guidance_scale: float, adaptive_image_guidance_scale: float,
+                 ip_embeds: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.pipe, self.unet, self.sched = pipe, pipe.unet, pipe.scheduler
         self.cond, self.ref_cond = cond, ref_cond
         self.z_ref, self.ref_noise = z_ref, ref_noise
@@ -32,14 +41,17 @@ class SDXLReferenceDenoiser:
         self.time_ids = sdxl_add_time_ids((size, size), (0, 0), (size, size), batch=1, device=z_ref.device)
         self.s_txt, self.s0, self.s_adapt = guidance_scale, image_guidance_scale, adaptive_image_guidance_scale
         self.has_lora = any("lora_" in n for n, _ in self.unet.named_parameters())
+        self.ip_pos, self.ip_neg = ip_embeds if ip_embeds is not None else (None, None)  # [1, 1, L, W] each
 
-    def _unet(self, x, t, embeds, pooled, bank_mode: str):
+    def _unet(self, x, t, embeds, pooled, bank_mode: str, image: torch.Tensor | None = None):
         self.bank.mode = bank_mode
         b = x.shape[0]
         dtype = self.unet.dtype
+        added = {"text_embeds": pooled.expand(b, -1).to(dtype), "time_ids": self.time_ids.expand(b, -1).to(dtype)}
+        if image is not None:
+            added["image_embeds"] = [image.expand(b, *image.shape[1:]).to(dtype)]
         return self.unet(x.to(dtype), t, encoder_hidden_states=embeds.expand(b, -1, -1).to(dtype),
-                         added_cond_kwargs={"text_embeds": pooled.expand(b, -1).to(dtype),
-                                            "time_ids": self.time_ids.expand(b, -1).to(dtype)},
+                         added_cond_kwargs=added,
                          cross_attention_kwargs={"plan": AttentionPlan(kv_bank=self.bank)}, return_dict=False)[0]
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -48,12 +60,12 @@ class SDXLReferenceDenoiser:
         self.bank.clear()
         ctx = lora_disabled(self.unet) if self.has_lora else contextlib.nullcontext()
         with ctx:
-            self._unet(refs, t, self.ref_cond.embeds, self.ref_cond.pooled, "write")
+            self._unet(refs, t, self.ref_cond.embeds, self.ref_cond.pooled, "write", self.ip_pos)
         self.bank.read_index = torch.arange(r, device=x_t.device)[None]
         c = self.cond
-        e_u = self._unet(x_t, t, c.negative, c.negative_pooled, "off")
-        e_i = self._unet(x_t, t, c.negative, c.negative_pooled, "read")
-        e_c = self._unet(x_t, t, c.embeds, c.pooled, "read")
+        e_u = self._unet(x_t, t, c.negative, c.negative_pooled, "off", self.ip_neg)
+        e_i = self._unet(x_t, t, c.negative, c.negative_pooled, "read", self.ip_pos)
+        e_c = self._unet(x_t, t, c.embeds, c.pooled, "read", self.ip_pos)
         s_img = image_guidance_scale_at(float(t), self.s0, self.s_adapt)
         return normalized_guidance(e_u, e_i, e_c, self.s_txt, s_img).to(x_t.dtype)
 
@@ -62,9 +74,15 @@ class SDXLReferenceDenoiser:
 def generate_sdxl(pipe, prompt: str, refs: torch.Tensor, masks: torch.Tensor | None = None, *, ref_prompt: str = "",
                   num_inference_steps: int = 50, guidance_scale: float = 7.5, image_guidance_scale: float = 8.0,
                   adaptive_image_guidance_scale: float = 5.0, negative_prompt: str = "",
-                  generator: torch.Generator | None = None, progress: bool = True) -> Image.Image:
-    """refs [k, 3, S, S] in [-1, 1], masks bool [k, S, S] or None -> one S x S image."""
+                  generator: torch.Generator | None = None, progress: bool = True,
+                  ip_adapter: IPAdapter | None = None) -> Image.Image:
+    """refs [k, 3, S, S] in [-1, 1], masks bool [k, S, S] or None -> one S x S image.
+
+    `ip_adapter`: a loaded `common.models.ip_adapter.IPAdapter` (its scale is the original's `ip_adapter_scale`);
+    the first reference is its global image."""
     unet, device = pipe.unet, pipe.unet.device
+    if loaded_ip_adapters(unet) != (ip_adapter is not None):
+        raise UsageError(f"{loaded_ip_adapters(unet)} IP-Adapter(s) on the UNet; SynCD SDXL takes its handle, or none")
     size = refs.shape[-1]
     z_ref = encode_images(pipe.vae, refs.to(device), generator)
     cond = build_conditioning(pipe, [prompt], [negative_prompt], do_cfg=True, device=device)
@@ -76,8 +94,14 @@ def generate_sdxl(pipe, prompt: str, refs: torch.Tensor, masks: torch.Tensor | N
     den = SDXLReferenceDenoiser(pipe, cond, ref_cond, z_ref, ref_noise,
                                 None if masks is None else masks.to(device), size, guidance_scale=guidance_scale,
                                 image_guidance_scale=image_guidance_scale,
-                                adaptive_image_guidance_scale=adaptive_image_guidance_scale)
+                                adaptive_image_guidance_scale=adaptive_image_guidance_scale,
+                                ip_embeds=None if ip_adapter is None else ip_adapter.encode(reference_pil(refs[0])))
     with plan_installed(unet, where="attn1"):
         x = sample(den, pipe.scheduler, x, progress=progress)
-    img = decode_latents(pipe.vae, x).float().clamp(-1, 1)[0]
+    return reference_pil(decode_latents(pipe.vae, x).float().clamp(-1, 1)[0])
+
+
+def reference_pil(img: torch.Tensor) -> Image.Image:
+    """[3, S, S] in [-1, 1] -> PIL (what the CLIP image processor of the IP-Adapter takes, at 224 px)."""
+    img = img.float().clamp(-1, 1)
     return Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())

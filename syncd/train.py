@@ -72,7 +72,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"SynCD trains FLUX or SDXL, not {args.family}")
     if not args.train_data_dir:
         raise UsageError("give --train_data_dir (SynCD folders with *metadata.json)")
-    args.resolution = args.resolution or (512 if args.family == "flux" else 1024)
+    if args.resolution is None:
+        args.resolution = 512 if args.family == "flux" else 1024
+    factor = 16 if args.family == "flux" else 8  # VAE factor (x 2 for FLUX's packed latents)
+    if args.resolution <= 0 or args.resolution % factor:
+        raise UsageError(f"--resolution must be a positive multiple of {factor} for {args.family}, got {args.resolution}")
     args.rank = args.rank or (RANK if args.family == "flux" else 4)
     if args.rank < 1:
         raise UsageError(f"--rank must be >= 1, got {args.rank}")

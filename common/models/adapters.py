@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from common.errors import UsageError
-from common.io import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, atomic_write_json, flatten_state_dict, load_weights
+from common.io import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, atomic_write_json, check_safetensors, flatten_state_dict,
+                       load_weights)
 
 ENTRY_POINT_GROUP = "customization_suite.adapters"
 MANIFEST_NAME = "adapter.json"
@@ -315,6 +316,7 @@ def apply_lora(pipe: Any, path: Path, *, adapter_name: str | None = None, **unus
         raise UsageError(f"{path} holds no {' or '.join(LORA_FILES)}")
     with _quiet_loading():
         if file.suffix.lower() == ".safetensors":  # diffusers reads safetensors itself (keeps rank/alpha metadata)
+            check_safetensors(file)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         else:  # torch pickles only through weights_only loading
             pipe.load_lora_weights(load_weights(file), adapter_name=name)

@@ -8,7 +8,7 @@ from common.errors import UsageError
 from common.models.adapters import apply_adapter, detect_adapter
 from common.models.ip_adapter import save_ip_adapter
 from common.models.tiny import build_tiny
-from mipadapter.adapter import register, write_mip_manifest
+from mipadapter.adapter import WEIGHTS, register, write_mip_manifest
 from mipadapter.model import random_mip_state
 from mipadapter.processor import MIPAdapterAttnProcessor
 
@@ -16,7 +16,7 @@ from mipadapter.processor import MIPAdapterAttnProcessor
 def test_manifest_makes_it_an_adapter_that_applies_scales_and_removes(tmp_path):
     register()  # what the setup.py entry point does when the package is installed
     pipe = build_tiny("tiny-sdxl")
-    save_ip_adapter(random_mip_state(pipe.unet, "sdxl"), tmp_path / "model.safetensors")
+    save_ip_adapter(random_mip_state(pipe.unet, "sdxl"), tmp_path / WEIGHTS)
     write_mip_manifest(tmp_path, variant="sdxl", image_encoder="tiny-clip-vision-g", scale=0.75)
     assert detect_adapter(tmp_path).name == "mip_adapter"
     before = dict(pipe.unet.attn_processors)
@@ -58,3 +58,14 @@ def test_plain_ip_adapter_file_is_refused_for_sampling(tmp_path):
                tmp_path / "odd.bin")
     with pytest.raises(UsageError, match="unsupported image projection"):
         MIPAdapter.load(unet, tmp_path / "odd.bin")
+
+
+def test_installed_entry_point_registers_the_kind():
+    """`pip install -e .` registers the kind through setup.py, so `--adapters` finds it without an import."""
+    from importlib.metadata import entry_points
+
+    from common.models.adapters import adapter_kinds
+
+    names = {ep.name: ep.value for ep in entry_points(group="customization_suite.adapters")}
+    assert names.get("mipadapter") == "mipadapter.adapter:register"
+    assert "mip_adapter" in adapter_kinds()

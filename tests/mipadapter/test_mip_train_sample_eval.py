@@ -20,7 +20,7 @@ from common.models.ip_adapter import read_ip_adapter, save_ip_adapter
 from common.models.tiny import build_tiny
 from common.train import Trainer
 from eval_fixtures import write_customconcept101, write_samples
-from mipadapter.adapter import write_mip_manifest
+from mipadapter.adapter import WEIGHTS, write_mip_manifest
 from mipadapter.data import SubjectDataset, collate, write_synthetic_sample
 from mipadapter.model import random_mip_state
 from mipadapter.train import MIPTraining, build_parser, drop_masks
@@ -55,7 +55,7 @@ def test_two_steps_change_exactly_the_adapter(tmp_path, fresh_accelerate_state, 
     trainable = {k for k in before if k.endswith(("to_k_ip.0.weight", "to_v_ip.0.weight", "text_to_weight.weight"))}
     assert changed == trainable and len(trainable) == 3 * 8
     assert all(torch.equal(v, proj_before[k]) for k, v in method.adapter.image_proj.state_dict().items())
-    saved = read_ip_adapter(tmp_path / "out" / "model.safetensors")
+    saved = read_ip_adapter(tmp_path / "out" / WEIGHTS)
     assert all(torch.equal(v, method.adapter.image_proj_state[k]) for k, v in saved["image_proj"].items())
     assert json.loads((tmp_path / "out" / "adapter.json").read_text())["kind"] == "mip_adapter"
 
@@ -83,7 +83,7 @@ def test_forced_drops_zero_images_and_empty_captions(tmp_path, fresh_accelerate_
 
 def _checkpoint(tmp_path, variant="sdxl"):
     folder = tmp_path / "ck"
-    save_ip_adapter(random_mip_state(build_tiny("tiny-sdxl").unet, variant), folder / "model.safetensors")
+    save_ip_adapter(random_mip_state(build_tiny("tiny-sdxl").unet, variant), folder / WEIGHTS)
     enc = {"sdxl": "tiny-clip-vision-g", "sdxl_plus": "tiny-clip-vision-h"}[variant]
     write_mip_manifest(folder, variant=variant, image_encoder=enc, scale=0.75)
     return folder
@@ -186,7 +186,7 @@ def test_end_to_end_train_sample_k3_eval(tmp_path, fresh_accelerate_state):
 
     trainer = train_main(train_argv(tmp_path, "sdxl", "--stop_step", "3", "--save_steps", "2"))
     out = tmp_path / "out"
-    assert len(trainer.history) == 3 and (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert len(trainer.history) == 3 and (out / "checkpoint-2" / WEIGHTS).is_file()
     refs = _refs(tmp_path / "refs", ["cat", "dog", "hat"])
     written = sample_main(["--base_model_path", "tiny-sdxl", "--ip_ckpt", str(out), "--ref_dir", str(refs),
                            "--prompt", "a cat and a dog wearing a hat", "--height", "64", "--width", "64",
@@ -206,3 +206,23 @@ def test_end_to_end_train_sample_k3_eval(tmp_path, fresh_accelerate_state):
     stamp = (tmp_path / "gen" / "comb_0" / files[0]).stat().st_mtime_ns
     eval_main(argv)  # resumable: finished images are kept, not regenerated
     assert (tmp_path / "gen" / "comb_0" / files[0]).stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mipadapter.train import main as train_main
+
+    straight = tmp_path / "a"
+    train_main(train_argv(tmp_path, "sdxl", "--stop_step", "2", "--save_steps", "1", "--output_dir", str(straight)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = tmp_path / "b"
+    train_main(train_argv(tmp_path, "sdxl", "--stop_step", "1", "--save_steps", "1", "--output_dir", str(resumed)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train_main(train_argv(tmp_path, "sdxl", "--stop_step", "2", "--save_steps", "1", "--output_dir", str(resumed),
+                          "--resume_from_checkpoint", "latest"))
+    a, b = read_ip_adapter(straight / WEIGHTS), read_ip_adapter(resumed / WEIGHTS)
+    assert all(torch.equal(a["ip_adapter"][k], b["ip_adapter"][k]) for k in a["ip_adapter"])
