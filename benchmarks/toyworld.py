@@ -6,6 +6,10 @@
 - toy-sd prompt accuracy: toy-sd samples for held-in prompts, read by toy-clip (colour, shape, both right):
   the same noise with an empty prompt (the unconditional model, so the base) vs with the prompt. The renders
   of the prompts' own scenes give the judge's ceiling.
+- Custom Diffusion: toy-CLIP-I to 4 references of a held-out shape (a yellow star on purple) of toy-sd samples
+  for "a <new1> star on a purple background" after training (as tests/toyworld/test_toy_customdiffusion.py),
+  vs the base model for the prompt without the token and for the one that also names the colour; and how often
+  "a green <new1> star ..." is read green (base: "a green star ...").
 
 Usage: `python benchmarks/toyworld.py [--every 4] [--num_inference_steps 20] [--guidance_scale 4]`.
 """
@@ -86,13 +90,65 @@ def sd_line(every: int, steps: int, guidance: float, seed: int) -> None:
           f"[{seconds / len(scenes):.2f} s/image on {torch.get_num_threads()} threads]")
 
 
+def customdiffusion_line(steps: int, samples: int, seeds: tuple[int, ...]) -> None:
+    import tempfile
+
+    from common.eval.clip import clip_i
+    from common.models.loading import load_pipeline
+    from common.toyworld.judge import concept_scenes
+    from common.toyworld.scenes import single_object_scene
+    from customdiffusion.apply import apply_customdiffusion
+    from customdiffusion.train import main as train_cd
+
+    shape, colour, background = "star", "yellow", "purple"
+    prompt = f"a <new1> {shape} on a {background} background"
+    refs = [render(s) for s in concept_scenes(shape, colour, background)]
+    judge = toy_clip_extractor()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, img in enumerate(refs):
+            (Path(tmp) / "instances").mkdir(exist_ok=True)
+            img.save(Path(tmp) / "instances" / f"{i}.png")
+        t0 = time.perf_counter()
+        train_cd(["--model", "toy-sd", "--instance_data_dir", str(Path(tmp) / "instances"), "--instance_prompt",
+                  prompt, "--modifier_token", "<new1>", "--resolution", "32", "--train_batch_size", "4", "--noaug",
+                  "--learning_rate", "2e-3", "--lr_warmup_steps", "0", "--max_train_steps", str(steps),
+                  "--checkpointing_steps", "0", "--dataloader_num_workers", "0", "--report_to", "none",
+                  "--seed", "0", "--output_dir", str(Path(tmp) / "concept")])
+        seconds = time.perf_counter() - t0
+        base, tuned = load_pipeline("toy-sd"), load_pipeline("toy-sd")
+        apply_customdiffusion(tuned, Path(tmp) / "concept")
+    for pipe in (base, tuned):
+        pipe.set_progress_bar_config(disable=True)
+    ref = judge.encode_images(refs)
+    scene, green = single_object_scene(shape, colour, background), single_object_scene(shape, "green", background)
+    rows: dict[str, list[float]] = {k: [] for k in ("plain", "colour", "tuned", "green_base", "green_tuned")}
+    for seed in seeds:
+        for key, pipe, text in (("plain", base, f"a {shape} on a {background} background"),
+                                ("colour", base, f"a {colour} {shape} on a {background} background"),
+                                ("tuned", tuned, prompt)):
+            imgs = generate_scenes(pipe, [scene] * samples, seed=seed, prompts=[text] * samples)
+            rows[key].append(clip_i(judge.encode_images(imgs), ref).mean().item())
+        for key, pipe, text in (("green_base", base, f"a green {shape} on a {background} background"),
+                                ("green_tuned", tuned, f"a green <new1> {shape} on a {background} background")):
+            imgs = generate_scenes(pipe, [green] * samples, seed=seed, prompts=[text] * samples)
+            acc = attribute_accuracy(judge, imgs, [green] * samples, shapes=(shape,))["color"].float().mean()
+            rows[key].append(acc.item())
+    fmt = lambda k: "/".join(f"{v:.3f}" for v in rows[k])  # noqa: E731
+    print(f"custom diffusion on toy-sd ({steps} steps, 4 references of a {colour} {shape}, {samples} samples x "
+          f"noise seeds {seeds}): toy-CLIP-I base '{shape}' {fmt('plain')}, base '{colour} {shape}' "
+          f"{fmt('colour')} | '<new1> {shape}' {fmt('tuned')}; read green: base 'green {shape}' "
+          f"{fmt('green_base')} | 'green <new1> {shape}' {fmt('green_tuned')} [training {seconds:.0f} s]")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--every", type=int, default=4, help="judge every N-th of the 280 held-in prompts")
     p.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps per toy-sd sample")
     p.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance of toy-sd")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the samples")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--cd_steps", type=int, default=60, help="Custom Diffusion training steps (0: skip its line)")
+    p.add_argument("--cd_samples", type=int, default=16, help="Custom Diffusion samples per prompt and noise seed")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (tiny models: 1 is fastest)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,6 +157,8 @@ def main() -> None:
         return
     clip_line()
     sd_line(args.every, args.num_inference_steps, args.guidance_scale, args.seed)
+    if args.cd_steps:
+        customdiffusion_line(args.cd_steps, args.cd_samples, (0, 1, 2))
 
 
 if __name__ == "__main__":

@@ -176,3 +176,15 @@ def prompt_accuracy(pipe, extractor: FeatureExtractor, scenes: Sequence[Scene], 
     images = generate_scenes(pipe, scenes, **kwargs)
     acc = attribute_accuracy(extractor, images, scenes)
     return {k: v.float().mean().item() for k, v in acc.items()}
+
+
+# ------------------------------------------------------------------------------------------ personalisation
+
+
+def concept_scenes(shape: str, color: str, background: str) -> list[Scene]:
+    """Four reference pictures of one concept (a held-out `shape` in `color` on `background`), as a user's
+    photos would vary: large centred, small centred, small on the left, small on the right."""
+    return [single_object_scene(shape, color, background),
+            single_object_scene(shape, color, background, size="small"),
+            single_object_scene(shape, color, background, size="small", position="left"),
+            single_object_scene(shape, color, background, size="small", position="right")]

@@ -11,9 +11,11 @@ import torch
 from common.toyworld.judge import attribute_accuracy, eval_scenes, held_in_scenes, read_choice
 from common.toyworld.scenes import render, single_object_scene
 
-# measured on the committed weights (MODEL_CARD.md); chance is 0.125 (colour) and 0.2 (shape)
-COLOR_FLOOR = 0.80
-SHAPE_FLOOR = 0.30
+# Measured on the committed weights (MODEL_CARD.md, benchmarks/toyworld.py); chance is 0.125 (colour), 0.2
+# (shape). Unseen training-like scenes: colour 1.000, shape 0.512 (random init: 0.125, 0.175). Large centred
+# scenes: colour 1.000, shape 0.200 (chance: not asserted, see MODEL_CARD.md, Limits).
+COLOR_FLOOR = 0.95
+SHAPE_FLOOR = 0.40
 
 
 def test_toy_clip_reads_colour_and_shape_of_unseen_scenes(toy_clip):
