@@ -109,10 +109,9 @@ def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_P
     except UsageError as e:
         if "pickled Python objects" not in str(e):
             raise
-        raise UsageError(f"{path} holds pickled Python objects that weights_only loading refuses; if you trust it, "
-                         f"convert once: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-                         f"torch.save({{'state_dict': c['state_dict']}}, '{path.with_suffix('.weights.ckpt')}')\"") \
-            from None
+        raise UsageError(f"{path} holds pickled Python objects that weights_only loading refuses; convert once: re-save only its "
+                         "'state_dict' (a dict of tensors) as .safetensors or a tensors-only .ckpt with the tool "
+                         "that wrote it, then pass that file") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise UsageError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict)")
     lora: dict[str, torch.Tensor] = {}

@@ -10,7 +10,7 @@ context slot 1; ...; bank tokens]; slot i of SynCD's shared attention is image (
 
 The plan travels with each call (`cross_attention_kwargs={"plan": plan}` for a UNet,
 `joint_attention_kwargs` for FLUX, usually through `Conditioning.attention`); a processor may also be
-given a default plan (ViewContext's compatibility path). With nothing to add or mask a processor computes
+given a default plan (fixed for every call, as SyncTweedies installs it). With nothing to add or mask a processor computes
 exactly what diffusers' stock processor computes.
 """
 from __future__ import annotations
