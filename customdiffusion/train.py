@@ -34,7 +34,7 @@ from common.pipelines.class_images import count_images, ensure_class_images
 from common.pipelines.latents import encode_images
 from common.pipelines.prompts import encode_tokens, tokenize
 from common.pipelines.text2image import generate
-from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
+from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype, place_frozen
 from common.train.conditioning import sdxl_add_time_ids
 from common.train.diffusion import noise_latents
 from customdiffusion import attention
@@ -151,13 +151,6 @@ def measure_latent_factor(vae: torch.nn.Module, resolution: int, device, dtype: 
     return resolution // side
 
 
-def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """Move a model, casting only when the dtype really changes (diffusers warns on every cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-
-
 class CustomDiffusionMethod(TrainingMethod):
     """Trainable: Custom Diffusion processors of the UNet's cross-attention, and the modifier-token rows."""
 
@@ -187,17 +180,17 @@ class CustomDiffusionMethod(TrainingMethod):
         self.generate_class_images(accelerator)
         attention.install(pipe.unet, args.freeze_model)
         dtype = compute_dtype(accelerator)
-        _place(pipe.vae, self.device, dtype)
+        place_frozen(pipe.vae, self.device, dtype)
         self.latent_factor = measure_latent_factor(pipe.vae, args.resolution, self.device, pipe.vae.dtype)
         trained = {k: p.detach().clone() for k, p in attention.trainable_parameters(pipe.unet).items()}
-        _place(pipe.unet, self.device, dtype)
+        place_frozen(pipe.unet, self.device, dtype)
         for proc in attention.custom_processors(pipe.unet).values():
             proc.to(dtype=torch.float32)  # trainable weights stay fp32 under mixed precision ...
         attention.set_state(pipe.unet, trained)  # ... and exact: undo the round trip through `dtype`
         self.text_encoders = []
         for i, (_, enc) in enumerate(text_pairs(pipe)):
             train_tokens = bool(self.tokens)
-            _place(enc, self.device, torch.float32 if train_tokens else dtype)
+            place_frozen(enc, self.device, torch.float32 if train_tokens else dtype)
             if train_tokens:
                 emb = enc.get_input_embeddings().weight
                 emb.requires_grad_(True)

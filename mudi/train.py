@@ -30,7 +30,7 @@ from common.models.loading import load_model, load_pipeline, pipeline_family, pr
 from common.pipelines.latents import encode_images
 from common.pipelines.prompts import encode_tokens, tokenize
 from common.pipelines.text2image import generate
-from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
+from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype, place_frozen
 from common.train.conditioning import flux_guidance, flux_latent_image_ids, flux_pack_latents, flux_unpack_latents, \
     sdxl_add_time_ids
 from common.train.diffusion import noise_latents
@@ -203,12 +203,6 @@ def build_dataset(args: argparse.Namespace) -> MuDIDataset:
     return MuDIDataset(meta, options, class_meta)
 
 
-def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-
-
 class MuDIMethod(TrainingMethod):
     """Trainable: LoRA on the denoiser's attention (and optionally on the CLIP text encoders)."""
 
@@ -237,14 +231,14 @@ class MuDIMethod(TrainingMethod):
         self.pipe = pipe
         dtype = compute_dtype(accelerator)
         pipe.vae.requires_grad_(False)
-        _place(pipe.vae, self.device, torch.float32 if self.family == "sdxl" else dtype)  # SDXL VAE overflows in fp16
+        place_frozen(pipe.vae, self.device, torch.float32 if self.family == "sdxl" else dtype)  # SDXL VAE overflows in fp16
         self.text_encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
         for enc in self.text_encoders:
             enc.requires_grad_(False)
-            _place(enc, self.device, dtype)
+            place_frozen(enc, self.device, dtype)
         denoiser = pipe.unet if self.family == "sdxl" else pipe.transformer
         denoiser.requires_grad_(False)
-        _place(denoiser, self.device, dtype)
+        place_frozen(denoiser, self.device, dtype)
         self.lora_params = add_lora(denoiser, args.rank, target_modules=MUDI_TARGET_MODULES,
                                     use_dora=args.use_dora)
         self.text_lora_params: list[torch.nn.Parameter] = []

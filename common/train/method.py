@@ -86,3 +86,11 @@ def compute_dtype(accelerator: Accelerator) -> torch.dtype:
     import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a frozen model to `device`, casting only when the dtype really changes (diffusers warns on every
+    cast, and a same-dtype cast would copy nothing anyway)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
