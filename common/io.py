@@ -246,8 +246,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             raise _corrupt(path, e) from None
         raise UsageError(
             f"{path} holds pickled Python objects ({found.group(1)}), not only tensors, and loading them could "
-            "run code; if you trust it, convert it to .safetensors (load with weights_only=False, keep the "
-            "tensors, save with common.io.save_weights)"
+            "run code; if you trust its source, re-save its tensors (a state_dict of tensors only) as "
+            ".safetensors with the tool that wrote it and pass that file"
         ) from None
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise _corrupt(path, e) from None

@@ -162,6 +162,45 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
     assert trainer.global_step == 2 and not (out / ".train.lock").exists()
 
 
+_RACE = """
+import sys, time
+from common.errors import UsageError
+from common.train.checkpoints import OutputDirLock
+judge = OutputDirLock._stale
+def slow_judge(self):  # widen the window between "it is stale" and taking it over
+    verdict = judge(self)
+    time.sleep(0.3)
+    return verdict
+OutputDirLock._stale = slow_judge
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    OutputDirLock(sys.argv[1]).acquire()
+except UsageError:
+    print("refused")
+else:
+    print("held")
+    time.sleep(4)  # keep it while the others try (each judgement takes 0.3 s, one at a time)
+"""
+
+
+def test_only_one_of_several_runs_takes_over_a_stale_lock(tmp_path):
+    """Four processes find the same dead run's lock at once: exactly one may take it over (without the folder
+    guard two could both judge it stale, or read a lock another has created but not yet written)."""
+    import socket
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".train.lock").write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(out), str(start)], stdout=subprocess.PIPE,
+                              text=True, cwd=str(Path(__file__).resolve().parents[1])) for _ in range(4)]
+    answers = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert answers == ["held"] + ["refused"] * 3
+
+
 def test_lock_is_held_during_training(tmp_path):
     seen = []
 

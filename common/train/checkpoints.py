@@ -11,7 +11,7 @@ import pickle
 import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -161,6 +161,10 @@ class OutputDirLock:
 
     def acquire(self) -> OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _folder_guard(self.path.parent):
+            return self._acquire()
+
+    def _acquire(self) -> OutputDirLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -200,10 +204,34 @@ class OutputDirLock:
         return pid == os.getpid() or not _pid_alive(pid)
 
     def release(self) -> None:
-        if self.held and self._owner() == self._mine:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        if self.held and self.path.parent.is_dir():
+            with _folder_guard(self.path.parent):
+                if self._owner() == self._mine:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
         self.held = False
+
+
+@contextlib.contextmanager
+def _folder_guard(folder: Path) -> Iterator[None]:
+    """Serialise lock checks and take-overs between processes with `flock` on the folder itself (no extra file;
+    the kernel drops it if the process dies). Without it, two runs could both judge a dead run's lock stale and
+    both take it, or read a lock that another run has created but not yet written. Where flock is unavailable
+    (no fcntl, or a filesystem without locks) the lock file alone decides, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. ENOLCK on a filesystem without locks
+            pass
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
 
 
 def _load_state_file(file: Path) -> None:
