@@ -22,7 +22,10 @@ from common.eval.scoring import read_generated
 from common.eval.similarity import pairwise_mean
 from common.io import atomic_write_json
 
-#: (method, CLIP-T, CLIP-I, DINO) rows of the paper, 1-ref and 3-ref; not retrieved (see module docstring).
+#: (method, CLIP-T, CLIP-I, DINO) rows of the paper (arXiv 2502.01720 Tables 1/2: 1-ref and 3-ref, FLUX and SDXL,
+#: baselines). Still empty: the stored copies of the paper reachable here (arxiv.org/html/2502.01720v2,
+#: ar5iv.labs.arxiv.org/html/2502.01720, hf-mirror.xnestle.com/papers/2502.01720.md) only gave their opening
+#: pages (abstract, introduction), never the tables; no number is entered that was not read from the paper.
 PAPER_ROWS: list[tuple[str, float, float, float]] = []
 
 

@@ -1,7 +1,9 @@
 """SynCD data generation (§1): tuples of NUM images of one object generated jointly as one batch with
 Masked Shared Attention - deformable objects (masks estimated online from category-token attention) and
 rigid objects from meshes (depth-conditioned, MSA masks from the renders, latent warping across views for
-t > --warp_thresh); then (--score) DINOv2 pair similarity on mask-cropped objects + aesthetic score.
+t > --warp_thresh; each view scaled and pasted near the bottom of a black canvas as the original's loader,
+`syncd.paste`, off with --no_paste); then (--score) DINOv2 pair similarity on mask-cropped objects + aesthetic
+score. Prompts come from --prompts, or a local causal LM (--llm, `syncd.llm_prompts`) writes that file first.
 
 Output (the original layout): <outdir>/{i}_{rank}_{k}.jpg, <outdir>/masks/{stem}.jpg, <outdir>/metadata_{rank}.json
 (list of {filenames, prompts, objaverse_id, category}); with --score <outdir>/metadata_with_scores.json.
@@ -10,9 +12,11 @@ tuple i goes to rank i % world_size.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,14 +38,24 @@ from common.pipelines.loop import Hook, StepState, sample
 from common.render.cameras import Cameras
 from common.render.mesh import load_mesh, normalize_mesh
 from common.render.raster import rasterize
+from common.render.raster.maps import depth_map
 from common.train.conditioning import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
 from syncd.msa import AttentionStore, area_token_mask, category_token_span, install_recording, msa_plan, \
     stacked_key_rotary
 from syncd.pipeline import flux_scheduler
-from syncd.warp import LatentWarpHook, render_depth, triplet_correspondences
+from syncd.paste import inverse_depth_image, paste, sample_paste
+from syncd.warp import LatentWarpHook, render_depth, shift_scale_correspondences, triplet_correspondences
 
 RIGID_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry"
-RIGID_DROP_WORDS = ("worn", "low-poly", "rustic", "figurine", "retro", "majestic", "vibrant")
+#: phrases the original removes from rigid captions (src/dataloader.py PHRASES_TO_REMOVE)
+RIGID_DROP_PHRASES = (
+    "worn", "low-poly", "secluded", "rustic", "figurine", "distinctive", "retro-style", "quirky", "retro", "nostalgic",
+    "historic", "peaceful", "wondrous", "mystical", "in a magical kingdom,", "fantastical", "majestic", "vibrant",
+    "tranquil", "cartoon", "industrial-chic", "traditional", "chic", "vintage-inspired", "ornate", "rendering", "cozy",
+    "flying in the air", "picturesque", "futuristic", "high-tech", "fantasy world", "from the future", "quaint",
+    "vintage", "low poly number", "legendary", "striking", "serene", "bold and graphic", "stylish", "lush", "exotic",
+    "trendy", "modern", "minimalist", "stunning", "iconic", "neon", "antique", "charming", "impressive", "whimsical",
+    "bustling", "gleaming")
 MESH_EXT = (".obj", ".glb", ".gltf", ".ply")
 
 
@@ -53,7 +67,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="JSON prompt file: deformable [{category, background: [...], description}], rigid "
                         "{mesh id: [captions]}; default: --llm or built-in examples")
-    p.add_argument("--llm", default=None, help="optional local transformers text-generation model for prompts")
+    p.add_argument("--llm", default=None, help="optional local transformers causal LM folder: writes the prompt file "
+                   "(--prompts, default <outdir>/prompts_llm_<mode>.json; resumable) the way gen_prompts.py asks")
+    p.add_argument("--captions", default=None, help="rigid --llm: Cap3D CSV 'object id,caption' (default: mesh stems)")
+    p.add_argument("--num_prompts", type=positive_int, default=None, help="--llm: captions asked per request (25 / 10)")
+    p.add_argument("--llm_batch_size", type=positive_int, default=None,
+                   help="--llm: requests per deformable category (6) / rigid objects per batch (10)")
+    p.add_argument("--max_new_tokens", type=positive_int, default=2048, help="--llm: new tokens per reply")
+    p.add_argument("--prompts_only", action="store_true", help="--llm: write the prompt file and stop")
     p.add_argument("--category", nargs="*", default=["cat"], help="deformable categories (with --llm / no --prompts)")
     p.add_argument("--mesh_dir", "--objaverse_dir", dest="mesh_dir", default=None,
                    help="rigid: a folder of meshes (OBJ/GLB/PLY) or one mesh file")
@@ -61,7 +82,8 @@ def build_parser() -> ArgumentParser:
                    "patch embedding widened for the depth channels, zero-initialised: plumbing for tiny models)")
     p.add_argument("--outdir", required=True, help="output folder")
     p.add_argument("--num", type=positive_int, default=3, help="images per tuple (NUM)")
-    p.add_argument("--num_tuples", type=positive_int, default=1, help="tuples to generate")
+    p.add_argument("--num_tuples", type=positive_int, default=None,
+                   help="tuples to generate (default: one per prompt-file category; rigid: every mesh x --repeat_each_id)")
     p.add_argument("--repeat_each_id", type=positive_int, default=1, help="rigid: tuples per mesh")
     p.add_argument("--inference_steps", "--num_inference_steps", dest="inference_steps", type=positive_int, default=None,
                    help="denoising steps (default: 50 deformable, 30 rigid)")
@@ -70,7 +92,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--height", "--resolution", dest="height", type=positive_int, default=None,
                    help="image size (default: 1024 deformable, 512 rigid)")
     p.add_argument("--warp_thresh", type=float, default=0.8, help="rigid: warp latents while t > this")
-    p.add_argument("--no_warp", action="store_true", help="rigid: no latent warping")
+    p.add_argument("--no_warp", "--skip_warping", dest="no_warp", action="store_true", help="rigid: no latent warping")
+    p.add_argument("--no_paste", action="store_true",
+                   help="rigid: no scale-and-paste augmentation (views fill the frame; default: s ~ U(0.7, 0.95), "
+                        "pasted near the bottom of a black canvas)")
+    p.add_argument("--negative_prompt", default=RIGID_NEGATIVE, help="rigid: negative prompt of the true CFG")
     p.add_argument("--no_msa", action="store_true", help="no shared attention (independent images)")
     p.add_argument("--save_attn_mask", action="store_true", default=True, help="deformable: save the estimated masks")
     p.add_argument("--attention_backend", default="sdpa", choices=("sdpa", "flex", "triton"), help="MSA backend")
@@ -80,7 +106,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dinov2_model", default="facebook/dinov2-large", help="DINOv2 for --score")
     p.add_argument("--aesthetic_model", default=None, help="LAION aesthetic head .pth for --score")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens")
-    p.add_argument("--progress", action="store_true", default=True, help="progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p
 
 
@@ -91,57 +117,82 @@ _EXAMPLES = [{"category": "cat", "background": ["A photo of a cat playing in a g
               "description": "The bengal cat with marbled coat features a pattern of vivid orange and black spots"}]
 
 
-def clean_lines(text: str) -> list[str]:
-    """The original's LLM output cleaning: split lines, strip digits/dots/quotes, lower-case, drop chatter."""
-    bad = ("suggestions", "note:", "captions", "**")
-    out = []
-    for line in text.splitlines():
-        line = line.strip().lstrip("0123456789").lstrip(".").strip().strip('"').strip("'").lower()
-        if line and not any(b in line for b in bad):
-            out.append(line)
-    return sorted(set(out))
-
-
-def llm_prompts(model: str, category: str, n: int) -> dict[str, Any]:
-    """Background and description prompts for `category` from a local text-generation model (§1.1)."""
-    from transformers import pipeline
-
-    gen = pipeline("text-generation", model=model)
-    system = "You are an expert in suggesting image captions for different object categories."
-    ask = lambda q: gen([{"role": "system", "content": system}, {"role": "user", "content": q}], max_new_tokens=2048,
-                        do_sample=True, temperature=0.6, top_p=0.9)[0]["generated_text"][-1]["content"]
-    bg = clean_lines(ask(f"Suggest {n} captions for images of a {category}. Make sure the word {category} is in the "
-                         "caption. Briefly describe the background. Be factual and terse, no emotion words."))
-    desc = clean_lines(ask(f"Suggest 5 detailed appearance descriptions of a {category} (color, subspecies), "
-                           "no background."))
-    if len(bg) < n or not desc:
-        raise UsageError(f"--llm {model} gave too few usable prompts for {category}")
-    return {"category": category, "background": bg, "description": desc[0]}
-
-
 def deformable_prompts(args, rng: random.Random) -> list[dict[str, Any]]:
-    if args.prompts:
-        data = json.loads(Path(args.prompts).read_text())
-    elif args.llm:
-        data = [llm_prompts(args.llm, c, max(args.num, 25)) for c in args.category]
-    else:
-        data = _EXAMPLES
+    data = read_prompt_file(args.prompts, list) if args.prompts else _EXAMPLES
     tuples = []
-    for i in range(args.num_tuples):
+    for i in range(args.num_tuples or len(data)):
         entry = data[i % len(data)]
-        bgs = list(entry["background"])
+        if not isinstance(entry, dict) or not {"category", "background", "description"} <= set(entry):
+            raise UsageError(f"--prompts: entries need category, background and description, got {entry!r:.80}")
+        bgs, desc = list(entry["background"]), entry["description"]
         if len(bgs) < args.num:
             raise UsageError(f"category {entry['category']!r} has {len(bgs)} background prompts; --num {args.num}")
+        if not desc:
+            raise UsageError(f"category {entry['category']!r} has no description prompts")
         picked = rng.sample(bgs, args.num)
-        desc = entry["description"] if isinstance(entry["description"], str) else rng.choice(entry["description"])
+        desc = desc if isinstance(desc, str) else rng.choice(desc)
         tuples.append({"category": entry["category"],
                        "prompts": [f"{b.rstrip('.')}. {desc.rstrip('.')}. wide angle shot" for b in picked]})
     return tuples
 
 
+def read_prompt_file(path: str, kind: type) -> Any:
+    """A --prompts JSON file: a list (deformable) or a dict (rigid)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--prompts {path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--prompts {path}: not JSON ({e.msg})") from None
+    if not isinstance(data, kind) or not data:
+        raise UsageError(f"--prompts {path}: a non-empty {'list' if kind is list else 'dict'} expected for this --mode")
+    return data
+
+
+def llm_prompt_file(args, meshes: list[Path] | None) -> Path:
+    """Run the local LLM (`syncd.llm_prompts`) for the categories (deformable) or objects (rigid) not yet in the
+    prompt file; returns its path."""
+    from syncd.llm_prompts import LocalLLM, deformable_prompt_file, read_captions, rigid_prompt_file
+
+    rigid = meshes is not None
+    path = Path(args.prompts) if args.prompts else Path(args.outdir) / f"prompts_llm_{args.mode}.json"
+    captions = None
+    if rigid:
+        captions = read_captions(args.captions) if args.captions else {m.stem: m.stem.replace("_", " ") for m in meshes}
+    llm = LocalLLM(args.llm, device=args.device, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if rigid:
+        rigid_prompt_file(llm, captions, path, num_prompts=args.num_prompts or 10,
+                          batch_size=args.llm_batch_size or 10, progress=args.progress)
+    else:
+        deformable_prompt_file(llm, args.category, path, num_prompts=args.num_prompts or 25,
+                               batch_size=args.llm_batch_size or 6, progress=args.progress)
+    return path
+
+
+def clean_rigid_caption(caption: str) -> str:
+    """The original's `clean_prompt` for rigid captions: lower-case, the listed phrases removed (here as whole
+    words, so "chic" does not cut "chicken"), spaces collapsed."""
+    text = caption.lower()
+    for phrase in RIGID_DROP_PHRASES:
+        text = re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", "", text)
+    return " ".join(text.split())
+
+
 def rigid_prompt(caption: str) -> str:
-    words = [w for w in caption.split() if w.lower().strip(",.") not in RIGID_DROP_WORDS]
-    return f"{' '.join(words).rstrip('.')} a natural image with the object on the ground."
+    return f"{clean_rigid_caption(caption)} a natural image with the object on the ground."
+
+
+def rigid_captions(prompts: dict[str, list[str]] | None, stem: str, k: int, num: int) -> list[str] | None:
+    """Captions of tuple k of object `stem`: the original takes captions[min(len - num, num k):] cyclically;
+    None (skip) when the object has fewer than num (k + 1) captions. Without a prompt file: 'a {stem}'."""
+    if prompts is None:
+        return [f"a {stem.replace('_', ' ')}"] * num
+    caps = prompts.get(stem)
+    if not caps or len(caps) < num * (k + 1):
+        return None
+    caps = caps[min(len(caps) - num, num * k):]
+    return [caps[j % len(caps)] for j in range(num)]
 
 
 # ------------------------------------------------------------------------------------------------- generation
@@ -267,33 +318,62 @@ def mesh_files(path: str) -> list[Path]:
     return files
 
 
-def rigid_views(mesh, num: int, size: int, rng: random.Random, tries: int = 20):
-    """Cameras (elevation in (0, 60) deg), depth at `size`, alpha masks, correspondences at 128^2 (or None)."""
+def _views_to_size(depth: torch.Tensor, alpha: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canvas depth [N, C, C] and alpha -> the depth image [N, 1, size, size] in [0, 1] and a bool mask
+    [N, size, size] (area-downsampled; any covered pixel is foreground, as the original's mask > 0)."""
+    img = inverse_depth_image(depth)[:, None]
+    a = alpha.float()[:, None]
+    if img.shape[-1] != size:
+        img = F.interpolate(img, size=(size, size), mode="area")
+        a = F.interpolate(a, size=(size, size), mode="area")
+    return img, a[:, 0] > 0
+
+
+def rigid_views(mesh, num: int, size: int, rng: random.Random, tries: int = 20, *, augment: bool = True,
+                canvas: int | None = None):
+    """Cameras (elevation in (0, 60) deg), correspondences at 128^2 (triplets need > 10% matches per pair),
+    the views rendered at the canvas size (2 * size: the original renders to 1024 for 512 images) and, with
+    `augment`, scaled and pasted near the bottom of a black canvas (`syncd.paste`; views whose object covers
+    < 10% of the render are redrawn). Returns (depth image [N, 1, size, size] in [0, 1], masks [N, size, size],
+    correspondences (pasted) or None, pastes or None); None when no draw in `tries` qualifies."""
+    canvas = canvas or 2 * size
     for _ in range(tries):
         elev = [rng.uniform(5, 55) for _ in range(num)]
         azim = [rng.uniform(0, 360) for _ in range(num)]
         cams128 = Cameras.orbit(elev, azim, distance=2.6, fov=40.0, size=128)
         d128 = render_depth(mesh, cams128, 128)
-        corr = triplet_correspondences(d128, cams128) if num == 3 else None
-        if num != 3 or corr is not None:
-            break
-    cams = Cameras.orbit(elev, azim, distance=2.6, fov=40.0, size=size)
-    frags = rasterize(cams.to_clip(mesh.verts), mesh.faces, size, size)
-    from common.render.raster.maps import depth_map, normalize_depth
-
-    depth = depth_map(frags, cams)
-    if num == 2:  # the original works on triplets; a pair uses (0, 1) with 1 as the anchor
-        rows = triplet_correspondences(d128, cams128, min_fraction=0.0)
-        corr = {(0, 1): rows[(0, 1)]} if rows else None
-    return normalize_depth(depth, frags.mask), frags.mask, corr
+        if num == 3:
+            corr = triplet_correspondences(d128, cams128)
+            if corr is None:
+                continue
+        else:  # the original works on triplets; a pair uses (0, 1) with 1 as the anchor
+            rows = triplet_correspondences(d128, cams128, min_fraction=0.0)
+            corr = {(0, 1): rows[(0, 1)]} if rows else None
+        cams = Cameras.orbit(elev, azim, distance=2.6, fov=40.0, size=canvas)
+        frags = rasterize(cams.to_clip(mesh.verts), mesh.faces, canvas, canvas)
+        depth, alpha = depth_map(frags, cams).float(), frags.mask
+        if not augment:
+            return (*_views_to_size(depth, alpha, size), corr, None)
+        pastes = [sample_paste(float(a.float().mean()), rng, canvas) for a in alpha]
+        if any(p is None for p in pastes):
+            continue  # the original drops the sample: an object covering < 10% of a render
+        depth = torch.stack([paste(d[None], p, mode="nearest")[0] for d, p in zip(depth, pastes)])
+        alpha = torch.stack([paste(a[None].float(), p, mode="nearest")[0] > 0.5 for a, p in zip(alpha, pastes)])
+        if corr is not None:
+            corr = {(a, b): shift_scale_correspondences(r, pastes[a].scale, pastes[a].shift_yx, pastes[b].scale,
+                                                        pastes[b].shift_yx, size=canvas) for (a, b), r in corr.items()}
+        return (*_views_to_size(depth, alpha, size), corr, pastes)
+    return None
 
 
 def depth_tokens(pipe, depth01: torch.Tensor) -> torch.Tensor:
-    """Depth maps [N, 1, H, W] in [0, 1] -> packed VAE latents [N, L, 4C] (3-channel, [-1, 1], scaled, no shift)."""
+    """Depth images [N, 1, H, W] in [0, 1] -> packed VAE latents [N, L, 4C]: 3-channel, [-1, 1],
+    (latent - shift_factor) * scaling_factor as FLUX.1-Depth-dev's control image (the original's pipeline)."""
     x = depth01.expand(-1, 3, -1, -1) * 2 - 1
     vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        lat = (vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() - shift) * vae.config.scaling_factor
     return flux_pack_latents(lat)
 
 
@@ -320,6 +400,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise UsageError("--mode rigid generates pairs or triplets (--num 2 or 3)")
     out = Path(args.outdir)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    meshes = mesh_files(args.mesh_dir) if rigid else None
+    if args.llm:
+        if state.is_main_process:
+            args.prompts = str(llm_prompt_file(args, meshes))
+        state.wait_for_everyone()
+        args.prompts = args.prompts or str(out / f"prompts_llm_{args.mode}.json")
+        if args.prompts_only:
+            return Path(args.prompts)
+    elif args.prompts_only:
+        raise UsageError("--prompts_only needs --llm")
     meta_path = out / f"metadata_{rank}.json"
     meta = _load_meta(meta_path)
     done = {tuple(m["filenames"]) for m in meta}
@@ -338,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         packed = pipe.vae.config.latent_channels * 4
         if pipe.transformer.config.in_channels == packed:
             widen_for_depth(pipe.transformer)
-        meshes = mesh_files(args.mesh_dir)
-        jobs = [(m, k) for m in meshes for k in range(args.repeat_each_id)][: args.num_tuples * len(meshes)]
+        rigid_caps = read_prompt_file(args.prompts, dict) if args.prompts else None
+        jobs = [(m, k) for m in meshes for k in range(args.repeat_each_id)][: args.num_tuples]
     else:
         jobs = deformable_prompts(args, rng)
     for i, job in enumerate(tqdm(jobs, desc=f"tuples (rank {rank})", disable=not args.progress)):
@@ -350,21 +440,32 @@ def main(argv: Sequence[str] | None = None) -> Path:
             continue
         g = torch.Generator(device).manual_seed(args.seed + rank + 1000 * i)
         if rigid:
-            mesh_path, _ = job
+            mesh_path, k = job
+            caps = rigid_captions(rigid_caps, mesh_path.stem, k, args.num)
+            if caps is None:
+                tqdm.write(f"skipping {mesh_path.stem} (tuple {k}): fewer than {args.num * (k + 1)} captions in --prompts")
+                continue
             mesh = normalize_mesh(load_mesh(mesh_path)).to(device)
-            depth, alpha, corr = rigid_views(mesh, args.num, size, rng)
-            caption = mesh_path.stem.replace("_", " ")
-            prompts = [rigid_prompt(f"a {caption}")] * args.num
+            # views and pastes from a per-tuple RNG: the same draws whatever the rank count or resume point
+            views = rigid_views(mesh, args.num, size, random.Random(args.seed * 1_000_003 + i),
+                                augment=not args.no_paste)
+            if views is None:
+                tqdm.write(f"skipping {mesh_path.stem} (tuple {k}): no views with enough overlap / object area")
+                continue
+            depth, alpha, corr, pastes = views
+            prompts = [rigid_prompt(c) for c in caps]
             lh = 2 * (size // (pipe.vae_scale_factor * 2))
             fg = area_token_mask(alpha, (lh // 2, lh // 2))
             images, _, info = generate_tuple(
                 pipe, prompts, size=size, steps=steps, guidance=guidance, generator=g, fg=fg,
-                corr=None if args.no_warp else corr, control=depth_tokens(pipe, depth), negative=RIGID_NEGATIVE,
+                corr=None if args.no_warp else corr, control=depth_tokens(pipe, depth), negative=args.negative_prompt,
                 true_cfg_scale=args.true_cfg_scale, warp_thresh=args.warp_thresh, msa=not args.no_msa,
                 backend=args.attention_backend, max_sequence_length=args.max_sequence_length, progress=False)
             mask_imgs = [Image.fromarray((a.cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for a in alpha]
             entry = {"filenames": names, "prompts": prompts, "objaverse_id": mesh_path.stem, "category": "rigid",
-                     "original_filenames": [f"{mesh_path.stem}_view{k}" for k in range(args.num)], **info}
+                     "original_filenames": [f"{mesh_path.stem}_view{j}" for j in range(args.num)], **info}
+            if pastes is not None:
+                entry["paste"] = [{"scale": q.scale, "x": q.x, "y": q.y, "canvas": q.canvas} for q in pastes]
         else:
             prompts = job["prompts"]
             spans = [category_token_span(pipe.tokenizer_2, p, job["category"]) for p in prompts]
