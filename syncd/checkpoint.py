@@ -1,9 +1,22 @@
-"""The released SynCD FLUX checkpoint layout (§4): a flat state dict whose LoRA keys start with
-`transformer.base_model.model.`; loaded with a STRICT key check (the original's strict=False silently
-loads nothing when the prefix is wrong)."""
+"""The released SynCD checkpoint layouts (§4), loaded with a STRICT key check (the original's strict=False
+silently loads nothing when a prefix is wrong).
+
+FLUX `pytorch_model.bin`: a flat state dict of the module whose attribute `transformer` is a PEFT
+`get_peft_model` wrapper, so LoRA keys read `transformer.base_model.model.<module>.lora_A.default.weight`
+(`sample_flux.py` keeps keys containing that prefix and strips it).
+
+SDXL `sdxl_finetuned_20k.ckpt`: a Lightning checkpoint; `main.py`'s CUDACallback keeps only the
+`state_dict` keys containing a trainkey (`lora`, `to_k_ip`, `to_v_ip`). The module's attribute `unet`
+got its LoRA through diffusers' `unet.add_adapter` (no PEFT wrapper) and its IP-Adapter-Plus through
+diffusers' `load_ip_adapter`, each processor then wrapped as `RefAttnProc(attn_op=<processor>)`, so:
+  `unet.<module>.lora_A.default.weight`, `unet.<module>.lora_B.default.weight` (module = ...attn1.to_q/k/v/out.0)
+  `unet.<attention>.processor.attn_op.to_k_ip.0.weight`, `...to_v_ip.0.weight` (attention = ...attn2)
+(`sample.py` keeps keys containing `unet.` and strips it). The image projection (Resampler) is not in the
+file: it comes from `ip-adapter-plus_sdxl_vit-h.bin`, loaded before the checkpoint."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +26,7 @@ from common.io import load_weights, save_weights
 from common.train.lora import LORA_TARGET_MODULES, add_lora, lora_state_dict
 
 PREFIX = "transformer.base_model.model."
-SDXL_PREFIX = "unet.base_model.model."
+SDXL_PREFIX = "unet."  # the Lightning module attribute; diffusers add_adapter adds no wrapper
 SDXL_TARGETS: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")  # UNet self-attention
 RANK = 32
 #: Training list (configs/train_flux.yaml) = common's FLUX preset.
@@ -26,7 +39,7 @@ INFERENCE_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "add_k_proj", "add
 
 def syncd_state_dict(transformer: torch.nn.Module, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """LoRA weights in the released layout: `transformer.base_model.model.<module>.lora_A.default.weight`
-    (SDXL: prefix "unet.base_model.model.")."""
+    (SDXL: prefix "unet.", i.e. `unet.<module>.lora_A.default.weight`)."""
     state = lora_state_dict(transformer)  # keys "<module>.lora_A.weight"
     out = {}
     for k, v in state.items():
@@ -55,6 +68,10 @@ def load_syncd_checkpoint(transformer: torch.nn.Module, path: str | os.PathLike,
             raise UsageError(f"--finetuned_path {path} has no pytorch_model.bin / pytorch_model.safetensors")
         path = found[0]
     sd = load_weights(path)
+    ip = next((k for k in sd if ".to_k_ip." in k or ".to_v_ip." in k), None)
+    if ip is not None:
+        raise UsageError(f"{path} also holds IP-Adapter weights ({ip!r}); load it as an SDXL checkpoint "
+                         "(load_sdxl_checkpoint, with --ip_adapter_path) so they are not dropped")
     lora = {k: v for k, v in sd.items() if "lora_" in k}
     if not lora:
         raise UsageError(f"{path} holds no LoRA weights (keys with lora_A/lora_B)")
@@ -90,20 +107,39 @@ def load_syncd_checkpoint(transformer: torch.nn.Module, path: str | os.PathLike,
 
 # ---------------------------------------------------------------------------------------------- SDXL (Lightning)
 
-#: Where the IP-Adapter weights may sit inside the Lightning `state_dict` (§4 names no exact prefix): the released
-#: file's own sub-dict names, or the IP-Adapter training code's module names (`image_proj_model`,
-#: `adapter_modules.{n}` with n the processor slot, the released numbering).
-IP_PREFIXES: dict[str, str] = {"image_proj.": "image_proj", "image_proj_model.": "image_proj",
-                               "ip_adapter.": "ip_adapter", "adapter_modules.": "ip_adapter"}
+#: `unet.<attention>.processor.attn_op.to_k_ip.<adapter>.weight`: the trained IP-Adapter key/value projections.
+_IP_KEY = re.compile(r"^(?P<attn>.+)\.processor\.attn_op\.(?P<kind>to_k_ip|to_v_ip)\.(?P<i>\d+)\.weight$")
+_LORA_KEY = re.compile(r"\.lora_[AB]\.default\.weight$")
 
 
-def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_PREFIX
-                                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]] | None]:
-    """`sdxl_finetuned_20k.ckpt` ({"state_dict": {...}, ...}, torch.load weights_only=True) -> (LoRA keys with
-    `prefix`, IP-Adapter {"image_proj", "ip_adapter"} or None). Strict: every key must be one of the two kinds."""
+def sdxl_ip_state_dict(unet: torch.nn.Module, prefix: str = SDXL_PREFIX) -> dict[str, torch.Tensor]:
+    """The loaded IP-Adapter's to_k_ip/to_v_ip in the Lightning layout
+    (`unet.<attention>.processor.attn_op.to_k_ip.0.weight`); {} when no IP-Adapter is on `unet`."""
+    from common.models.ip_adapter import ip_adapter_processors
+
+    out = {}
+    for name, proc in ip_adapter_processors(unet).items():
+        attn = name[: -len(".processor")]
+        for kind in ("to_k_ip", "to_v_ip"):
+            for i, layer in enumerate(getattr(proc, kind)):
+                out[f"{prefix}{attn}.processor.attn_op.{kind}.{i}.weight"] = layer.weight.detach().contiguous()
+    return out
+
+
+def sdxl_state_dict(unet: torch.nn.Module, *, ip: bool = True) -> dict[str, torch.Tensor]:
+    """What the original's SDXL checkpoint `state_dict` holds: UNet LoRA (+ to_k_ip/to_v_ip when `ip`)."""
+    out = syncd_state_dict(unet, SDXL_PREFIX)
+    if ip:
+        out.update(sdxl_ip_state_dict(unet))
+    return out
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A Lightning `.ckpt` ({"state_dict": ...}, weights_only) or a flat file (ours: .safetensors)."""
     from common.io import safe_torch_load
 
-    path = Path(path)
+    if path.suffix.lower() not in (".ckpt", ".pt", ".pth", ".bin"):
+        return load_weights(path)
     try:
         ckpt = safe_torch_load(path)
     except UsageError as e:
@@ -112,40 +148,101 @@ def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_P
         raise UsageError(f"{path} holds pickled Python objects that weights_only loading refuses; convert once: re-save only its "
                          "'state_dict' (a dict of tensors) as .safetensors or a tensors-only .ckpt with the tool "
                          "that wrote it, then pass that file") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise UsageError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict)")
+    if path.suffix.lower() == ".ckpt":
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise UsageError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict)")
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} does not hold a state dict")
+    return ckpt
+
+
+def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_PREFIX
+                                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """`sdxl_finetuned_20k.ckpt` (or our flat `pytorch_model.safetensors` with the same keys, or its folder) ->
+    (LoRA keys `unet.<module>.lora_A/B.default.weight`, IP keys `unet.<attention>.processor.attn_op.to_k_ip/
+    to_v_ip.0.weight` or None). Strict: every key must be one of the two kinds."""
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "pytorch_model.safetensors", path / "pytorch_model.bin") if p.is_file()]
+        if not found:
+            raise UsageError(f"--finetuned_path {path} has no pytorch_model.safetensors / pytorch_model.bin")
+        path = found[0]
     lora: dict[str, torch.Tensor] = {}
-    ip: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in ckpt["state_dict"].items():
+    ip: dict[str, torch.Tensor] = {}
+    for key, value in _read_state(path).items():
         if not isinstance(value, torch.Tensor):
             raise UsageError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        if key.startswith(prefix) and ".lora_" in key:
+        rest = key[len(prefix):] if key.startswith(prefix) else None
+        if rest is not None and _LORA_KEY.search(rest):
             lora[key] = value
-            continue
-        head = next((p for p in IP_PREFIXES if key.startswith(p)), None)
-        if head is None:
-            raise UsageError(f"{path}: state_dict key {key!r} is neither UNet LoRA ({prefix}...lora_A/B) nor "
-                             f"IP-Adapter ({', '.join(IP_PREFIXES)})")
-        ip[IP_PREFIXES[head]][key[len(head):]] = value
+        elif rest is not None and _IP_KEY.match(rest):
+            ip[key] = value
+        else:
+            raise UsageError(f"{path}: state_dict key {key!r} is neither UNet LoRA ({prefix}<module>.lora_A.default."
+                             f"weight) nor IP-Adapter ({prefix}<attention>.processor.attn_op.to_k_ip.0.weight)")
     if not lora:
-        raise UsageError(f"{path}: no UNet LoRA keys ({prefix}...lora_A/B) in its state_dict")
-    if bool(ip["image_proj"]) != bool(ip["ip_adapter"]):
-        raise UsageError(f"{path}: IP-Adapter weights need both the image projection and to_k_ip/to_v_ip")
-    return lora, (ip if ip["ip_adapter"] else None)
+        raise UsageError(f"{path}: no UNet LoRA keys ({prefix}<module>.lora_A/B.default.weight) in its state_dict")
+    return lora, (ip or None)
 
 
-def load_sdxl_lightning_checkpoint(unet: torch.nn.Module, path: str | os.PathLike, *,
-                                   image_encoder=None, ip_adapter_scale: float = 0.6):
-    """Load the UNet LoRA (strict, as `load_syncd_checkpoint`) and, when present, the IP-Adapter-Plus weights
-    (strict key/shape check against this UNet). Returns (number of LoRA tensors, IPAdapter handle or None)."""
+def ip_state_from_checkpoint(unet: torch.nn.Module, ip: dict[str, torch.Tensor], base: dict,
+                             source: str = "checkpoint", prefix: str = SDXL_PREFIX) -> dict:
+    """The base IP-Adapter state ({"image_proj", "ip_adapter"}, released numbering) with its to_k_ip/to_v_ip
+    replaced by the checkpoint's. Strict: one adapter (index 0), every cross-attention layer of `unet` given
+    both projections, no key for a layer `unet` lacks (shapes are checked when it loads)."""
+    from common.models.ip_adapter import cross_attention_layers
+
+    slot = {name[: -len(".processor")]: n for n, name, _ in cross_attention_layers(unet)}
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in ip.items():
+        m = _IP_KEY.match(key[len(prefix):])
+        if m["i"] != "0":
+            raise UsageError(f"{source}: {key!r} belongs to IP-Adapter {m['i']}; SynCD has one (index 0)")
+        if m["attn"] not in slot:
+            raise UsageError(f"{source}: {key!r} names no cross-attention layer of this UNet (wrong base model?)")
+        mapped[f"{slot[m['attn']]}.{m['kind']}.weight"] = value
+    missing = [f"{prefix}{a}.processor.attn_op.{k}.0.weight" for a, n in slot.items() for k in ("to_k_ip", "to_v_ip")
+               if f"{n}.{k}.weight" not in mapped]
+    if missing:
+        raise UsageError(f"{source}: {len(missing)} to_k_ip/to_v_ip weight(s) missing (first: {missing[0]!r})")
+    return {"image_proj": dict(base["image_proj"]), "ip_adapter": mapped}
+
+
+def load_sdxl_checkpoint(unet: torch.nn.Module, path: str | os.PathLike, *, ip_adapter_path: str | os.PathLike | None = None,
+                         image_encoder=None, ip_adapter_scale: float = 0.6):
+    """Load a SynCD SDXL checkpoint (the Lightning `.ckpt`, or our `pytorch_model.safetensors` / its folder):
+    the UNet LoRA (strict, as `load_syncd_checkpoint`) and, with `ip_adapter_path` (ip-adapter-plus_sdxl_vit-h.bin,
+    whose image projection the checkpoint does not hold), the IP-Adapter with the checkpoint's fine-tuned
+    to_k_ip/to_v_ip. Returns (number of LoRA tensors, IPAdapter handle or None)."""
     import tempfile
 
-    from common.models.ip_adapter import load_ip_adapter
+    from common.models.ip_adapter import load_ip_adapter, read_ip_adapter
 
     lora, ip = read_sdxl_lightning_checkpoint(path)
+    if ip is not None and ip_adapter_path is None:
+        raise UsageError(f"{path} holds fine-tuned IP-Adapter to_k_ip/to_v_ip but not the image projection: pass "
+                         "--ip_adapter_path ip-adapter-plus_sdxl_vit-h.bin (the IP-Adapter it was trained from)")
     with tempfile.TemporaryDirectory() as tmp:  # reuse the strict LoRA loader on the extracted keys
         flat = Path(tmp) / "pytorch_model.safetensors"
         save_weights({k: v.contiguous() for k, v in lora.items()}, flat)
-        n = load_syncd_checkpoint(unet, flat, target_modules=SDXL_TARGETS, prefix=SDXL_PREFIX)
-    handle = None if ip is None else load_ip_adapter(unet, ip, image_encoder=image_encoder, scale=ip_adapter_scale)
-    return n, handle
+        alpha = None
+        if Path(path).is_dir() or Path(path).suffix == ".safetensors":  # ours: alpha from the manifest
+            from common.models.adapters import read_manifest
+
+            folder = Path(path) if Path(path).is_dir() else Path(path).parent
+            alpha = ((read_manifest(folder) or {}).get("info") or {}).get("lora_alpha")
+        n = load_syncd_checkpoint(unet, flat, target_modules=SDXL_TARGETS, prefix=SDXL_PREFIX,
+                                  alpha=None if alpha is None else float(alpha))
+    if ip_adapter_path is None:
+        return n, None
+    base = read_ip_adapter(ip_adapter_path)
+    state = base if ip is None else ip_state_from_checkpoint(unet, ip, base, str(path))
+    return n, load_ip_adapter(unet, state, image_encoder=image_encoder, scale=ip_adapter_scale)
+
+
+def load_sdxl_lightning_checkpoint(unet: torch.nn.Module, path: str | os.PathLike, *, image_encoder=None,
+                                   ip_adapter_scale: float = 0.6, ip_adapter_path: str | os.PathLike | None = None):
+    """`load_sdxl_checkpoint` under its earlier name."""
+    return load_sdxl_checkpoint(unet, path, ip_adapter_path=ip_adapter_path, image_encoder=image_encoder,
+                                ip_adapter_scale=ip_adapter_scale)

@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
                    help="SDXL: scale of the IP-Adapter-Plus global image condition (default: %(default)s)")
     p.add_argument("--ip_adapter_path", default=None,
                    help="SDXL: IP-Adapter-Plus weights (ip-adapter-plus_sdxl_vit-h.bin / .safetensors); the first "
-                        "reference is its image. Not needed when --finetuned_path is a Lightning .ckpt holding them")
+                        "reference is its image. Also needed with a --finetuned_path that holds fine-tuned to_k_ip/to_v_ip "
+                        "(sdxl_finetuned_20k.ckpt): the checkpoint has no image projection")
     p.add_argument("--image_encoder", default=None,
                    help="SDXL: image encoder of the IP-Adapter (preset, hub id or folder; default: clip-vit-h-14)")
     p.add_argument("--negative_prompt", default=None, help=f"negative prompt (default FLUX: {NEGATIVE_PROMPT!r}; SDXL: '')")
@@ -127,22 +128,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         raise UsageError("--ip_adapter_path / --image_encoder are for SDXL; the FLUX model has no IP-Adapter")
     ip_adapter = None
     if args.finetuned_path:
-        from syncd.checkpoint import (SDXL_PREFIX, SDXL_TARGETS, load_sdxl_lightning_checkpoint,
-                                      load_syncd_checkpoint)
+        from syncd.checkpoint import load_sdxl_checkpoint, load_syncd_checkpoint
 
         if flux:
             load_syncd_checkpoint(pipe.transformer, args.finetuned_path)
-        elif Path(args.finetuned_path).suffix == ".ckpt":
-            if args.ip_adapter_path:
-                from syncd.checkpoint import read_sdxl_lightning_checkpoint
-
-                if read_sdxl_lightning_checkpoint(args.finetuned_path)[1] is not None:
-                    raise UsageError(f"{args.finetuned_path} already holds IP-Adapter weights; drop --ip_adapter_path")
-            ip_adapter = load_sdxl_lightning_checkpoint(pipe.unet, args.finetuned_path, image_encoder=args.image_encoder,
-                                                        ip_adapter_scale=args.ip_adapter_scale)[1]
-        else:
-            load_syncd_checkpoint(pipe.unet, args.finetuned_path, target_modules=SDXL_TARGETS, prefix=SDXL_PREFIX)
-    if args.ip_adapter_path and not flux:
+        else:  # the Lightning .ckpt, our pytorch_model.safetensors or its folder; IP weights need the base adapter
+            ip_adapter = load_sdxl_checkpoint(pipe.unet, args.finetuned_path, ip_adapter_path=args.ip_adapter_path,
+                                              image_encoder=args.image_encoder,
+                                              ip_adapter_scale=args.ip_adapter_scale)[1]
+    if args.ip_adapter_path and not flux and ip_adapter is None:
         from common.models.ip_adapter import load_ip_adapter
 
         ip_adapter = load_ip_adapter(pipe, args.ip_adapter_path, image_encoder=args.image_encoder,

@@ -1,7 +1,11 @@
 """SynCD fine-tuning (§2): FLUX (references as clean tokens beside the target on one canvas, full joint
 attention, Beta(4, 2) sigmas with the canvas resolution shift, loss on target tokens only) or SDXL
-(references noised to t, their self-attention K/V written with the LoRA off and read by the target, masked
-to the references' foreground). LoRA through common.train.lora; the Trainer owns the loop."""
+(references noised to t run with the LoRA off; their self-attention inputs, projected by the target pass's
+LoRA'd to_k/to_v, are read by the target, masked
+to the references' foreground; with `--ip_adapter_path` the IP-Adapter-Plus global image condition of
+`pipelines/sdxl_pipeline/model.py`: a reference's image embeds for the target, each reference's own for its
+pass, the null-image embeds when the image is dropped, and `--trainkeys lora+to_k_ip+to_v_ip` trains the
+adapter's key/value projections beside the LoRA). LoRA through common.train.lora; the Trainer owns the loop."""
 from __future__ import annotations
 
 import argparse
@@ -23,10 +27,12 @@ from common.train.conditioning import flux_guidance, sdxl_add_time_ids
 from common.train.flow import flow_matching_loss, resolution_shift, sample_timestep_density, shift_sigmas
 from common.train.lora import add_lora, lora_disabled, save_lora_weights
 from syncd.canvas import make_canvas, noise_canvas, pack_canvas, slot_mask
-from syncd.checkpoint import PREFIX, RANK, SDXL_PREFIX, SDXL_TARGETS, TRAIN_TARGETS, save_syncd_checkpoint, syncd_state_dict
+from syncd.checkpoint import PREFIX, RANK, SDXL_TARGETS, TRAIN_TARGETS, sdxl_state_dict, syncd_state_dict
 from syncd.data import SynCDDataset, collate
 
 DEFAULT_MODELS = {"flux": "flux-dev", "sdxl": "bghira/terminus-xl-gamma-v1"}
+SDXL_RANK = 128  # pipelines/sdxl_pipeline/model.py default (sample.py loads the released checkpoint with r = 128)
+TRAINKEYS = ("lora", "to_k_ip", "to_v_ip")
 
 
 def build_parser() -> ArgumentParser:
@@ -38,7 +44,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resolution", "--img_size", dest="resolution", type=int, default=None,
                    help="per-image resolution (default: 512 FLUX, 1024 SDXL)")
     p.add_argument("--numref", type=int, default=-1, help="references per tuple; -1 = all images of a tuple")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 32 FLUX, 4 SDXL)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default: 32 FLUX, {SDXL_RANK} SDXL)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     p.add_argument("--optimizer", default="prodigy", choices=("prodigy", "adamw"),
                    help="Prodigy (prodigyopt; lr 1.0) as the original, or AdamW (default: %(default)s)")
@@ -47,9 +53,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--filter_aesthetics", type=float, default=-1, help="aesthetic filter threshold; -1 = off")
     p.add_argument("--filter_dino", type=float, default=-1, help="DINOv2 pair filter threshold; -1 = off")
     p.add_argument("--drop_both", type=float, default=0.05, help="P(drop text and image)")
-    p.add_argument("--drop_image", type=float, default=0.05, help="P(drop image only)")
-    p.add_argument("--drop_text", type=float, default=0.05, help="P(drop text only)")
+    p.add_argument("--drop_image", "--drop_im", dest="drop_image", type=float, default=0.05,
+                   help="P(drop image only); SDXL: the IP-Adapter gets the null-image embeds")
+    p.add_argument("--drop_text", "--drop_txt", dest="drop_text", type=float, default=0.05, help="P(drop text only)")
+    p.add_argument("--drop_mask", type=float, default=0.1, help="P(reference masks replaced by all-ones)")
     p.add_argument("--masked", action="store_true", help="SDXL: references visible through their foreground only")
+    p.add_argument("--trainkeys", default=None,
+                   help="'+'-separated trained parts among lora, to_k_ip, to_v_ip (the last two together; SDXL with "
+                        "--ip_adapter_path). Default: lora+to_k_ip+to_v_ip with an IP-Adapter, else lora")
+    p.add_argument("--ip_adapter_path", "--ip_adapter_name", dest="ip_adapter_path", default=None,
+                   help="SDXL: IP-Adapter-Plus weights (ip-adapter-plus_sdxl_vit-h.bin) for the global image condition")
+    p.add_argument("--image_encoder", default=None,
+                   help="SDXL: image encoder of the IP-Adapter (preset, hub id or folder; default: clip-vit-h-14)")
+    p.add_argument("--ip_adapter_scale", type=float, default=1.0, help="SDXL: IP-Adapter scale in training (default: 1.0)")
+    p.add_argument("--random_permute", action=argparse.BooleanOptionalAction, default=True,
+                   help="SDXL: shuffle the references (with their masks) per sample; the IP-Adapter global image "
+                        "is then the first reference, a random one, never the target (--no-random_permute: the "
+                        "target's own image, as the original) (default: on)")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX)")
     p.add_argument("--validation_prompt", default=None, help="prompt of the validation images")
     p.add_argument("--num_validation_images", type=int, default=1, help="validation images per run")
@@ -77,16 +97,51 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     factor = 16 if args.family == "flux" else 8  # VAE factor (x 2 for FLUX's packed latents)
     if args.resolution <= 0 or args.resolution % factor:
         raise UsageError(f"--resolution must be a positive multiple of {factor} for {args.family}, got {args.resolution}")
-    args.rank = args.rank or (RANK if args.family == "flux" else 4)
+    args.rank = args.rank or (RANK if args.family == "flux" else SDXL_RANK)
     if args.rank < 1:
         raise UsageError(f"--rank must be >= 1, got {args.rank}")
     if args.learning_rate is None:
         args.learning_rate = 1.0 if args.optimizer == "prodigy" else (1e-4 if args.family == "flux" else 5e-6)
     if args.numref == 0 or args.numref < -1:
         raise UsageError(f"--numref must be -1 (all) or >= 1, got {args.numref}")
+    for name in ("drop_both", "drop_image", "drop_text", "drop_mask"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name} must be a probability in [0, 1], got {getattr(args, name)}")
+    resolve_trainkeys(args)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         args.mixed_precision = "no"
     return args
+
+
+def resolve_trainkeys(args: argparse.Namespace) -> None:
+    """args.trainkeys -> a set of TRAINKEYS; IP-Adapter flags only where they apply."""
+    ip = args.ip_adapter_path
+    if args.family == "flux" and (ip or args.image_encoder):
+        raise UsageError("--ip_adapter_path / --image_encoder are for SDXL; the FLUX model has no IP-Adapter")
+    if ip and not Path(ip).is_file():
+        raise UsageError(f"--ip_adapter_path {ip}: no such file")
+    given = args.trainkeys or ("lora+to_k_ip+to_v_ip" if ip else "lora")
+    keys = {k for k in given.split("+") if k}
+    bad = sorted(keys - set(TRAINKEYS))
+    if bad or not keys:
+        raise UsageError(f"--trainkeys {given!r}: expected '+'-separated parts of {', '.join(TRAINKEYS)}"
+                         + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    if ("to_k_ip" in keys) != ("to_v_ip" in keys):
+        raise UsageError("--trainkeys: to_k_ip and to_v_ip train together (the original trains neither alone)")
+    if "to_k_ip" in keys and not ip:
+        raise UsageError("--trainkeys to_k_ip+to_v_ip needs --ip_adapter_path (SDXL IP-Adapter-Plus weights)")
+    args.trainkeys = "+".join(k for k in TRAINKEYS if k in keys)
+
+
+def permute_references(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """images [B, n, ...], masks [B, n, ...] -> the same with the references (slots 1..n-1) shuffled per sample,
+    images and masks alike; the target stays in slot 0. Returns (images, masks, order [B, n])."""
+    b, n = images.shape[:2]
+    order = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n - 1, generator=generator) + 1])
+                         for _ in range(b)])
+    rows = torch.arange(b)[:, None]
+    return images[rows, order], masks[rows, order.to(masks.device)], order
 
 
 class SynCDMethod(TrainingMethod):
@@ -114,7 +169,22 @@ class SynCDMethod(TrainingMethod):
             self.params = add_lora(self.transformer, self.args.rank, alpha, target_modules=list(TRAIN_TARGETS))
         else:
             self.unet = pipe.unet
+            self.unet.requires_grad_(False)
+            self.ip = None
+            if self.args.ip_adapter_path:  # before the LoRA and the plan: its processors replace the attn2 ones
+                from common.models.ip_adapter import load_ip_adapter
+
+                self.ip = load_ip_adapter(self.unet, self.args.ip_adapter_path, image_encoder=self.args.image_encoder,
+                                          scale=self.args.ip_adapter_scale)
+                self.ip.image_encoder.model.requires_grad_(False)  # loads it now, before the training stream is seeded
             self.params = add_lora(self.unet, self.args.rank, alpha, target_modules=list(SDXL_TARGETS))
+            keys = self.args.trainkeys.split("+")
+            if "lora" not in keys:
+                for prm in self.params:
+                    prm.requires_grad_(False)
+                self.params = []
+            if "to_k_ip" in keys:
+                self.params += ip_projection_parameters(self.unet)
             install_plan(self.unet, "attn1")
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -174,8 +244,29 @@ class SynCDMethod(TrainingMethod):
         loss = flow_matching_loss(pred.float(), target.float(), token_mask=mask)
         return loss, {"sigma": sigmas.mean()}
 
+    def _ip_embeds(self, images: torch.Tensor, drop: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, n, 3, H, W] in [-1, 1] -> IP-Adapter image embeds (target [B, 1, ...], references
+        [B*(n-1), 1, ...]): the target reads the global image (the first reference under --random_permute, else
+        its own), each reference its own; a dropped sample gets the null-image embeds everywhere (what the
+        sampler's unconditional pass uses). `...` = [L, W] (plus) or [E] (plain)."""
+        from syncd.sdxl_pipeline import reference_pil
+
+        b, n = images.shape[:2]
+        enc, feature = self.ip.image_encoder, self.ip.feature
+        pils = [reference_pil(img) for img in images.flatten(0, 1)]
+        with torch.no_grad():
+            pos = enc.encode(pils, feature).unflatten(0, (b, n))
+            null = enc.encode_negative(pils[:1], feature)[0]
+        keep = ~torch.tensor(list(drop), dtype=torch.bool, device=pos.device)
+        emb = torch.where(keep.view(b, *[1] * (pos.ndim - 1)), pos, null.expand_as(pos))
+        glob = 1 if self.args.random_permute and n > 1 else 0
+        return emb[:, glob, None], emb[:, 1:].flatten(0, 1)[:, None]
+
     def _sdxl_loss(self, batch):
         device = self.accelerator.device
+        if self.args.random_permute and batch["images"].shape[1] > 2:
+            images, masks, _ = permute_references(batch["images"], batch["masks"])
+            batch = {**batch, "images": images, "masks": masks}
         lat = self._encode(batch["images"])
         b, n, c, h, w = lat.shape
         sched = self.pipe.scheduler
@@ -189,17 +280,22 @@ class SynCDMethod(TrainingMethod):
         time_ids = sdxl_add_time_ids((res, res), (0, 0), (res, res), batch=b, device=device)
         dtype = next(self.unet.parameters()).dtype
         masks = batch["masks"][:, 1:].flatten(0, 1).to(device) if self.args.masked else None
-        bank = KVBank(mode="write", masks=masks)
+        bank = KVBank(mode="write", masks=masks, project_on_read=True)  # the original: refs' K/V from the LoRA'd to_k/to_v
         refs = noisy[:, 1:].flatten(0, 1)
         rep = lambda x: x.repeat_interleave(n - 1, 0)
+        ref_added = {"text_embeds": rep(cond.pooled), "time_ids": rep(time_ids)}
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        if self.ip is not None:
+            target_ip, ref_ip = self._ip_embeds(batch["images"], batch["drop_image"])
+            added["image_embeds"], ref_added["image_embeds"] = [target_ip.to(dtype)], [ref_ip.to(dtype)]
         with torch.no_grad(), lora_disabled(self.unet):
             self.unet(refs.to(dtype), t.repeat_interleave(n - 1), encoder_hidden_states=rep(cond.embeds),
-                      added_cond_kwargs={"text_embeds": rep(cond.pooled), "time_ids": rep(time_ids)},
+                      added_cond_kwargs=ref_added,
                       cross_attention_kwargs={"plan": AttentionPlan(kv_bank=bank)}, return_dict=False)
         bank.mode = "read"
         bank.read_index = torch.arange(b * (n - 1), device=device).view(b, n - 1)
         pred = self.unet(noisy[:, 0].to(dtype), t, encoder_hidden_states=cond.embeds,
-                         added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids},
+                         added_cond_kwargs=added,
                          cross_attention_kwargs={"plan": AttentionPlan(kv_bank=bank)}, return_dict=False)[0]
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(lat[:, 0], noise[:, 0], t)
@@ -209,14 +305,19 @@ class SynCDMethod(TrainingMethod):
 
     # ------------------------------------------------------------------------------------------ outputs
     def state_to_save(self) -> dict[str, torch.Tensor]:
+        """FLUX: the released pytorch_model.bin keys; SDXL: the Lightning checkpoint's `state_dict` keys (UNet
+        LoRA + the trained to_k_ip/to_v_ip), as the original's CUDACallback keeps them."""
         model = self.accelerator.unwrap_model(self.transformer if self.family == "flux" else self.unet)
-        return syncd_state_dict(model, PREFIX if self.family == "flux" else SDXL_PREFIX)
+        if self.family == "flux":
+            return syncd_state_dict(model, PREFIX)
+        return sdxl_state_dict(model, ip="to_k_ip" in self.args.trainkeys)
 
     def save_final(self, directory) -> None:
+        from common.io import save_weights
+
         directory = Path(directory)
         model = self.accelerator.unwrap_model(self.transformer if self.family == "flux" else self.unet)
-        save_syncd_checkpoint(model, directory / f"{self.weights_name}.safetensors",
-                              PREFIX if self.family == "flux" else SDXL_PREFIX)
+        save_weights(self.state_to_save(), directory / f"{self.weights_name}.safetensors")
         # the same LoRA in diffusers' format + a kind "lora" manifest, so `apply_adapter(pipe, <dir>/lora)` and
         # every plain sampler can load it (without references it is only the fine-tuned base)
         save_lora_weights(directory / "lora", family=self.family,
@@ -224,7 +325,10 @@ class SynCDMethod(TrainingMethod):
         write_manifest(directory, kind="syncd", base_family=self.family, weights=f"{self.weights_name}.safetensors",
                        info={"rank": self.args.rank, "lora_alpha": self.args.lora_alpha or self.args.rank,
                              "resolution": self.args.resolution,
-                             "base_model": self.args.pretrained_model_name_or_path})
+                             "base_model": self.args.pretrained_model_name_or_path,
+                             **({"trainkeys": self.args.trainkeys, "ip_adapter_path": self.args.ip_adapter_path,
+                                 "image_encoder": self.args.image_encoder, "ip_adapter_scale": self.args.ip_adapter_scale}
+                                if self.family == "sdxl" else {})})
 
     def validate(self, step: int) -> list:
         if self.family != "flux" or not self.args.validation_prompt:
@@ -238,14 +342,26 @@ class SynCDMethod(TrainingMethod):
                         generator=g, num_images=self.args.num_validation_images, progress=False)
 
 
+def ip_projection_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The loaded IP-Adapter's to_k_ip/to_v_ip weights, made trainable in float32 (as the LoRA's)."""
+    from common.models.ip_adapter import ip_adapter_processors
+
+    params = []
+    for proc in ip_adapter_processors(unet).values():
+        for mod in (proc.to_k_ip, proc.to_v_ip):
+            mod.to(torch.float32).requires_grad_(True)
+            params += list(mod.parameters())
+    return params
+
+
 def main(argv: Sequence[str] | None = None) -> Trainer:
     args = resolve_args(parse_args(build_parser(), argv))
     dataset = SynCDDataset(args.train_data_dir, args.resolution, args.numref, args.filter_aesthetics,
-                           args.filter_dino, args.drop_both, args.drop_image, args.drop_text)
+                           args.filter_dino, args.drop_both, args.drop_image, args.drop_text, mask_ones_prob=args.drop_mask)
     method = SynCDMethod(args, dataset)
     trainer = Trainer(args, method, dataset, collate_fn=collate)
     trainer.train()
     return trainer
 
 
-__all__ = ["SynCDMethod", "build_parser", "main"]
+__all__ = ["SynCDMethod", "build_parser", "ip_projection_parameters", "main", "permute_references", "resolve_trainkeys"]

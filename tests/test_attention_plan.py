@@ -258,6 +258,35 @@ def test_kv_bank_write_then_read_equals_joint_batch_flux(flux):
     assert (read - joint[:1]).abs().max() <= 1e-5
 
 
+def test_project_on_read_bank_uses_the_reading_pass_projections():
+    """SynCD SDXL (the original's RefAttnProc): references write their attention inputs with the LoRA off; the
+    target's pass projects them with its own (LoRA'd) to_k / to_v. Changing to_k / to_v between the passes
+    (a LoRA switched on) must show in the references' keys, unlike a bank of stored K/V."""
+    attn = _attn()
+    proc = PlanAttnProcessor("layer")
+    gen = torch.Generator().manual_seed(3)
+    refs, target = torch.randn(2, 16, 16, generator=gen), torch.randn(1, 16, 16, generator=gen)
+    masks = torch.ones(2, 4, 4, dtype=torch.bool)
+    masks[0, :2] = False
+    inputs_bank = KVBank(mode="write", masks=masks, project_on_read=True)
+    kv_bank = KVBank(mode="write", masks=masks)
+    with torch.no_grad():
+        written = proc(attn, refs, kv_bank=inputs_bank)
+        assert torch.allclose(written, AttnProcessor2_0()(attn, refs), atol=1e-6)  # references see themselves
+        proc(attn, refs, kv_bank=kv_bank)
+        assert not inputs_bank.store and set(inputs_bank.inputs) == {"layer"}
+        for lin in (attn.to_k, attn.to_v):  # "LoRA on" for the reading pass
+            lin.weight += 0.3 * torch.randn(lin.weight.shape, generator=gen)
+        inputs_bank.mode = kv_bank.mode = "read"
+        read = proc(attn, target, kv_bank=inputs_bank)
+        joint_plan = AttentionPlan(num_images=3, graph=((1, 2), (), ()),
+                                   token_masks=torch.cat([torch.ones(1, 4, 4, dtype=torch.bool), masks]))
+        joint = proc(attn, torch.cat([target, refs]), plan=joint_plan)[:1]
+        stale = proc(attn, target, kv_bank=kv_bank)
+    assert (read - joint).abs().max() <= 1e-5
+    assert (stale - joint).abs().max() > 1e-3
+
+
 def test_reading_an_empty_bank_is_an_error():
     attn = _attn()
     with pytest.raises(KeyError, match="write"):

@@ -47,6 +47,11 @@ class KVBank:
     written rows reading row b sees (None: all R rows). detach: store without gradient (references run
     with the LoRA off and are not trained through). text_len: prompt tokens ahead of the image tokens
     in a FLUX single-block sequence when no plan says it.
+
+    project_on_read (UNet self-attention only): store the layer's input hidden states [R, P, C] instead, and
+    project them with the reading pass's to_k / to_v. SynCD's SDXL model does this: its references run with
+    the LoRA off, but their keys/values come from the LoRA'd projections of the target pass (which therefore
+    also train on the reference tokens).
     """
 
     mode: str = "off"
@@ -55,9 +60,23 @@ class KVBank:
     read_index: torch.Tensor | None = None
     detach: bool = True
     text_len: int | None = None
+    project_on_read: bool = False
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def write(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> None:
         self.store[layer] = (k.detach(), v.detach()) if self.detach else (k, v)
+
+    def write_inputs(self, layer: str, hidden_states: torch.Tensor) -> None:
+        """project_on_read: keep the written images' attention inputs [R, P, C]."""
+        self.inputs[layer] = hidden_states.detach() if self.detach else hidden_states
+
+    def projected(self, layer: str, project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> KVBank:
+        """project_on_read: a read-mode bank over this layer's stored inputs projected by `project`
+        ([R, P, C] -> k, v [R, heads, P, d]), with this bank's masks and read_index."""
+        if layer not in self.inputs:
+            raise KeyError(f"K/V bank has nothing for layer {layer!r}: run a 'write' pass first")
+        k, v = project(self.inputs[layer])
+        return KVBank(mode="read", store={layer: (k, v)}, masks=self.masks, read_index=self.read_index, detach=False)
 
     def read(self, layer: str, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v) [B, heads, r*P, d] and visibility [B, r*P] for a reading batch of `batch` rows."""
@@ -76,6 +95,7 @@ class KVBank:
 
     def clear(self) -> None:
         self.store.clear()
+        self.inputs.clear()
 
 
 def token_visibility(masks: torch.Tensor | None, tokens: int, device=None) -> torch.Tensor | None:
@@ -315,6 +335,18 @@ class PlanAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         bank = kv_bank if kv_bank is not None else (plan.kv_bank if plan is not None else None)
+        if bank is not None and bank.project_on_read and not cross and bank.mode != "off":
+            if bank.mode == "write":
+                bank.write_inputs(self.name, hidden_states)
+                bank = KVBank(mode="off")  # the written images attend to themselves
+            else:
+                def project(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    r = h.shape[0]
+                    to_heads = lambda x: x.view(r, -1, attn.heads, head_dim).transpose(1, 2)
+                    k_ref, v_ref = to_heads(attn.to_k(h)), to_heads(attn.to_v(h))
+                    return (attn.norm_k(k_ref) if attn.norm_k is not None else k_ref), v_ref
+
+                bank = bank.projected(self.name, project)
         if cross and plan is not None and plan.text_key_mask is not None:
             rows = torch.arange(batch, device=query.device) % plan.num_images
             keep = plan.text_key_mask.to(query.device)[rows][:, None, None, :]  # [B, 1, 1, L_text]
