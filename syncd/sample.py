@@ -122,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if family not in ("flux", "sdxl"):
         raise UsageError(f"SynCD samples FLUX or SDXL models, not {family}")
     flux = family == "flux"
+    if not flux:  # the original's sample.py samples SDXL with Euler ancestral (the model's betas, no zero-SNR rescale)
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if flux and (args.ip_adapter_path or args.image_encoder):

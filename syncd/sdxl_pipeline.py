@@ -12,6 +12,7 @@ training), the reference-write pass gives each reference its OWN image embeds at
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from PIL import Image
@@ -32,13 +33,14 @@ from syncd.guidance import image_guidance_scale_at, normalized_guidance
 class SDXLReferenceDenoiser:
     """denoiser(x_t [1, C, h, w], t, step) with the per-step reference write (LoRA off) and guided read."""
 
-    def __init__(self, pipe, cond, ref_cond, z_ref: torch.Tensor, ref_noise: torch.Tensor, masks: torch.Tensor | None,
+    def __init__(self, pipe, cond, ref_cond, z_ref: torch.Tensor, generator: torch.Generator | None,
+                 masks: torch.Tensor | None,
                  size: int, *, guidance_scale: float, image_guidance_scale: float, adaptive_image_guidance_scale: float,
                  ip_embeds: tuple[torch.Tensor, torch.Tensor] | None = None, ref_ip_embeds: torch.Tensor | None = None,
                  ip_adapter: IPAdapter | None = None):
         self.pipe, self.unet, self.sched = pipe, pipe.unet, pipe.scheduler
         self.cond, self.ref_cond = cond, ref_cond
-        self.z_ref, self.ref_noise = z_ref, ref_noise
+        self.z_ref, self.generator = z_ref, generator  # references are re-noised with fresh noise every step
         self.bank = KVBank(masks=masks, project_on_read=True)  # refs' K/V projected in the read pass, as the original
         self.time_ids = sdxl_add_time_ids((size, size), (0, 0), (size, size), batch=1, device=z_ref.device)
         self.s_txt, self.s0, self.s_adapt = guidance_scale, image_guidance_scale, adaptive_image_guidance_scale
@@ -54,13 +56,15 @@ class SDXLReferenceDenoiser:
         added = {"text_embeds": pooled.expand(b, -1).to(dtype), "time_ids": self.time_ids.expand(b, -1).to(dtype)}
         if image is not None:
             added["image_embeds"] = [(image if image.shape[0] == b else image.expand(b, *image.shape[1:])).to(dtype)]
+        x = self.sched.scale_model_input(x, t)  # identity for DDIM/DDPM; Euler divides by sqrt(sigma^2 + 1)
         return self.unet(x.to(dtype), t, encoder_hidden_states=embeds.expand(b, -1, -1).to(dtype),
                          added_cond_kwargs=added,
                          cross_attention_kwargs={"plan": AttentionPlan(kv_bank=self.bank)}, return_dict=False)[0]
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         r = self.z_ref.shape[0]
-        refs = self.sched.add_noise(self.z_ref, self.ref_noise, t.reshape(1).expand(r))
+        noise = torch.randn(self.z_ref.shape, generator=self.generator, device=self.z_ref.device, dtype=self.z_ref.dtype)
+        refs = self.sched.add_noise(self.z_ref, noise, t.reshape(1).expand(r))  # the original draws new noise each step
         self.bank.clear()
         ctx = lora_disabled(self.unet) if self.has_lora else contextlib.nullcontext()
         with ctx, ip_scale(self.ip_adapter, 1.0):
@@ -94,8 +98,7 @@ def generate_sdxl(pipe, prompt: str, refs: torch.Tensor, masks: torch.Tensor | N
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     shape = (1, z_ref.shape[1], z_ref.shape[2], z_ref.shape[3])
     x = torch.randn(shape, generator=generator, device=device, dtype=z_ref.dtype) * pipe.scheduler.init_noise_sigma
-    ref_noise = torch.randn(z_ref.shape, generator=generator, device=device, dtype=z_ref.dtype)
-    den = SDXLReferenceDenoiser(pipe, cond, ref_cond, z_ref, ref_noise,
+    den = SDXLReferenceDenoiser(pipe, cond, ref_cond, z_ref, generator,
                                 None if masks is None else masks.to(device), size, guidance_scale=guidance_scale,
                                 image_guidance_scale=image_guidance_scale,
                                 adaptive_image_guidance_scale=adaptive_image_guidance_scale,
@@ -103,7 +106,8 @@ def generate_sdxl(pipe, prompt: str, refs: torch.Tensor, masks: torch.Tensor | N
                                 ref_ip_embeds=None if ip_adapter is None else reference_embeds(ip_adapter, refs),
                                 ip_adapter=ip_adapter)
     with plan_installed(unet, where="attn1"):
-        x = sample(den, pipe.scheduler, x, progress=progress)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(pipe.scheduler.step).parameters else {}
+        x = sample(den, pipe.scheduler, x, progress=progress, extra_step_kwargs=step_kwargs)
     return reference_pil(decode_latents(pipe.vae, x).float().clamp(-1, 1)[0])
 
 

@@ -57,6 +57,9 @@ def build_parser() -> ArgumentParser:
                    help="P(drop image only); SDXL: the IP-Adapter gets the null-image embeds")
     p.add_argument("--drop_text", "--drop_txt", dest="drop_text", type=float, default=0.05, help="P(drop text only)")
     p.add_argument("--drop_mask", type=float, default=0.1, help="P(reference masks replaced by all-ones)")
+    p.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalAction, default=True,
+                   help="SDXL: DDPM noising with zero-terminal-SNR rescaled betas, as the original's model.py "
+                        "(--no-rescale_betas_zero_snr: the model's betas as they are)")
     p.add_argument("--masked", action="store_true", help="SDXL: references visible through their foreground only")
     p.add_argument("--trainkeys", default=None,
                    help="'+'-separated trained parts among lora, to_k_ip, to_v_ip (the last two together; SDXL with "
@@ -170,6 +173,12 @@ class SynCDMethod(TrainingMethod):
         else:
             self.unet = pipe.unet
             self.unet.requires_grad_(False)
+            from diffusers import DDPMScheduler
+
+            # model.py: DDPM noising from the model's betas, zero-terminal-SNR rescaled (not the pipeline's sampler,
+            # e.g. SDXL's Euler, whose add_noise is x0 + sigma * eps for a sigma-scaled input)
+            self.noise_scheduler = DDPMScheduler.from_config(
+                pipe.scheduler.config, rescale_betas_zero_snr=self.args.rescale_betas_zero_snr)
             self.ip = None
             if self.args.ip_adapter_path:  # before the LoRA and the plan: its processors replace the attn2 ones
                 from common.models.ip_adapter import load_ip_adapter
@@ -269,7 +278,7 @@ class SynCDMethod(TrainingMethod):
             batch = {**batch, "images": images, "masks": masks}
         lat = self._encode(batch["images"])
         b, n, c, h, w = lat.shape
-        sched = self.pipe.scheduler
+        sched = self.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device)
         noise = torch.randn_like(lat)
         tt = t.repeat_interleave(n)
