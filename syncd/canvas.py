@@ -43,15 +43,13 @@ def slot_ids(latent_hw: tuple[int, int], n: int, device=None) -> torch.Tensor:
 
 
 def noise_canvas(canvas: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, n: int) -> torch.Tensor:
-    """x_t on the canvas [B, C, h, n*w]: (1 - s) z + s eps on the target slot, z (clean) on the references."""
+    """x_t on the canvas [B, C, h, n*w]: (1 - s) z + s eps on the target slot, z (clean) on the references.
+    sigmas [B] keep their dtype (float32 sigmas with bf16 latents give a float32 x_t, as the original's)."""
     w = canvas.shape[-1] // n
-    s = sigmas.view(-1, 1, 1, 1).to(canvas.dtype)
+    s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * canvas + s * noise
-    target = torch.zeros_like(canvas[:1, :1, :1])
-    target = torch.cat([torch.ones(*target.shape[:-1], w, dtype=canvas.dtype, device=canvas.device),
-                        torch.zeros(*target.shape[:-1], canvas.shape[-1] - w, dtype=canvas.dtype, device=canvas.device)],
-                       dim=-1)
-    return target * noisy + (1 - target) * canvas
+    on_target = torch.arange(canvas.shape[-1], device=canvas.device) < w  # [n*w]
+    return torch.where(on_target, noisy, canvas.to(noisy.dtype))
 
 
 def clamp_references(x: torch.Tensor, z_ref: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The SynCD dataset layout (§1.4, §2.3): `<root>/*metadata.json` (or `*metadata_with_scores.json` when
 filtering), images `<root>/<file>`, masks `<root>/masks/<stem>.jpg` (> 0 = foreground); tuples of 2-3 views
-of one object, target first. Items: a random mask-keeping square crop per image, resized, in [-1, 1]."""
+of one object, target first. Items: data/data.py's random square crop around the object (data/utils_.py
+square_crop_with_mask), LANCZOS-resized, in [-1, 1]."""
 from __future__ import annotations
 
 import json
@@ -44,21 +45,80 @@ def valid_images(entry: dict[str, Any], filter_aesthetics: float, filter_dino: f
     return ok
 
 
-def square_crop_with_mask(img: Image.Image, mask: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
-    """A random square crop (side = shortest side) that keeps the mask's bounding box when it can."""
-    w, h = img.size
-    s = min(w, h)
+def mask_bbox(mask: Image.Image) -> tuple[int, int, int, int] | None:
+    """data/utils_.py mask_to_bbox: (x0, y0, x1, y1), max exclusive, of the foreground (> 0); None when there
+    is none or it is a single row or column."""
     m = np.asarray(mask.convert("L")) > 0
-    ys, xs = np.nonzero(m)
-    if w > h:
-        lo, hi = (max(0, xs.max() + 1 - s), min(w - s, xs.min())) if xs.size else (0, w - s)
-        x0 = rng.randint(min(lo, hi), max(lo, hi))
-        box = (x0, 0, x0 + s, s)
-    else:
-        lo, hi = (max(0, ys.max() + 1 - s), min(h - s, ys.min())) if ys.size else (0, h - s)
-        y0 = rng.randint(min(lo, hi), max(lo, hi))
-        box = (0, y0, s, y0 + s)
+    if not m.any():
+        return None
+    rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+    if cols[-1] <= cols[0] or rows[-1] <= rows[0]:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def square_crop_with_mask(img: Image.Image, mask: Image.Image, rng: random.Random, min_padding: int = 200
+                          ) -> tuple[Image.Image, Image.Image]:
+    """data/utils_.py square_crop_with_mask(random=True): corners drawn at random around the mask's box (top-left
+    in [0, x0 - min_padding), bottom-right in [min(x1 + min_padding, W - 1), W); same for y), then the square
+    of side 2 * (min(width, height) // 2) about their rounded centre. No foreground: the image as it is and an
+    all-foreground mask (then `resize_center_crop` squares it)."""
+    bbox = mask_bbox(mask)
+    if bbox is None:
+        return img, Image.new("L", img.size, 255)
+    w, h = img.size
+    ul0 = rng.randrange(0, max(1, bbox[0] - min_padding))
+    ul1 = rng.randrange(0, max(1, bbox[1] - min_padding))
+    lr0 = rng.randrange(min(bbox[2] + min_padding, w - 1), w)
+    lr1 = rng.randrange(min(bbox[3] + min_padding, h - 1), h)
+    cx, cy = np.round(np.array([ul0 + lr0, ul1 + lr1]) / 2).astype(int)  # numpy's round half to even
+    s = min(lr0 - ul0, lr1 - ul1) // 2
+    box = (int(cx) - s, int(cy) - s, int(cx) + s, int(cy) + s)
     return img.crop(box), mask.crop(box)
+
+
+def resize_center_crop(img: Image.Image, size: int, resample=Image.LANCZOS) -> Image.Image:
+    """torchvision Resize(size, LANCZOS) (shorter side to size, longer int(size * long / short)) + CenterCrop(size)
+    (offsets int(round((L - size) / 2)))."""
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def latent_mask(mask: Image.Image, size: int, kernel_size: int = 5) -> torch.Tensor:
+    """data.py transform_mask + dilate_mask: the binarised (> 0) mask LANCZOS-resized to the latent size as
+    floats in [0, 1], then dilated by a kernel_size x kernel_size box (conv with ones, clamped to [0, 1];
+    kernel_size <= 1: no dilation) -> bool [size, size], visible where > 0 (as the original's attention mask)."""
+    binary = mask.convert("L").point(lambda v: 255 if v > 0 else 0)
+    m = torch.from_numpy(np.asarray(resize_center_crop(binary, size), dtype=np.float32) / 255.0)[None, None]
+    if kernel_size > 1:
+        kernel = torch.ones(1, 1, kernel_size, kernel_size)
+        m = torch.nn.functional.conv2d(m, kernel, padding="same").clamp(0, 1)
+    return m[0, 0] > 0
+
+
+def to_model_range(img: Image.Image) -> torch.Tensor:
+    """ToTensor + Normalize((0.5,) * 3, (0.5,) * 3), in that operation order: [3, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div(255)
+    return x.sub(0.5).div(0.5)
+
+
+def select_images(n_images: int, want: int | None, rng: random.Random) -> list[tuple[int, bool]]:
+    """(image index, flipped) per slot, target first. want None (numref -1): every image in order; enough
+    images: `want` distinct ones at random (the target too); too few: drawn without replacement from the
+    images and their horizontal flips (repeated past twice the images, where the original fails)."""
+    if want is None:
+        return [(i, False) for i in range(n_images)]
+    if n_images >= want:
+        return [(i, False) for i in rng.sample(range(n_images), want)]
+    pool = [(i, False) for i in range(n_images)] + [(i, True) for i in range(n_images)]
+    return rng.sample(pool * -(-want // len(pool)), want)
 
 
 def read_metadata(path: Path) -> list[dict[str, Any]]:
@@ -93,15 +153,18 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 class SynCDDataset(Dataset):
-    """Tuples from one or more SynCD folders. numref = -1: every valid image of a tuple; numref > 0: a tuple
-    of numref + 1 (resampled with horizontal flips when short). drop rates: per sample one draw c;
+    """Tuples from one or more SynCD folders. numref = -1: every valid image of a tuple, in order (the first is
+    the target); numref > 0: numref + 1 images drawn at random (with horizontal flips when short; see
+    `select_images`). Each image: the original's jittered square crop around its mask, LANCZOS to the
+    resolution, [-1, 1]. drop rates: per sample one draw c;
     c < drop_both: empty prompt (+ image drop flag); < drop_both + drop_image: image drop flag only (unused by
     FLUX, as in the original); < drop_both + drop_image + drop_text: empty prompt."""
 
     def __init__(self, roots: Sequence[str], resolution: int = 512, numref: int = -1, filter_aesthetics: float = -1,
                  filter_dino: float = -1, drop_both: float = 0.05, drop_image: float = 0.05, drop_text: float = 0.05,
-                 mask_ones_prob: float = 0.1):
+                 mask_ones_prob: float = 0.1, mask_kernel_size: int = 5):
         self.resolution, self.numref = resolution, numref
+        self.mask_kernel_size = mask_kernel_size  # the original's dilate_mask with kernel_size 5 (both configs)
         self.drops = (drop_both, drop_image, drop_text)
         self.mask_ones_prob = mask_ones_prob
         self.items: list[tuple[Path, list[str], list[str]]] = []
@@ -138,29 +201,22 @@ class SynCDDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))  # seeded per item by the Trainer
         root, names, prompts = self.items[int(index)]
-        order = list(range(len(names)))
-        flips = [False] * len(order)
-        if self.numref > 0:
-            want = self.numref + 1
-            while len(order) < want:
-                order.append(rng.choice(order[:len(names)]))
-                flips.append(True)
-            order, flips = order[:want], flips[:want]
+        picks = select_images(len(names), self.numref + 1 if self.numref > 0 else None, rng)
+        order = [i for i, _ in picks]
         images, masks = [], []
         r = self.resolution
-        for i, flip in zip(order, flips):
+        for i, flip in picks:
             img = Image.open(root / names[i]).convert("RGB")
             mpath = root / "masks" / f"{Path(names[i]).stem}.jpg"
             mask = Image.open(mpath).convert("L") if mpath.is_file() else Image.new("L", img.size, 255)
             if mask.size != img.size:
                 raise UsageError(f"mask {mpath} is {mask.size[0]}x{mask.size[1]}, its image {img.size[0]}x{img.size[1]}")
-            img, mask = square_crop_with_mask(img, mask, rng)
-            if flip:
+            if flip:  # the original flips before cropping
                 img, mask = img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
-            img = img.resize((r, r), Image.BICUBIC)
-            mask = mask.resize((r // 8, r // 8), Image.NEAREST)
-            images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-            masks.append(torch.from_numpy(np.asarray(mask) > 0))
+            img, mask = square_crop_with_mask(img, mask, rng)
+            img = resize_center_crop(img, r)
+            images.append(to_model_range(img))
+            masks.append(latent_mask(mask, r // 8, self.mask_kernel_size))
         c = rng.random()
         both, image, text = self.drops
         drop_text = c < both or both + image <= c < both + image + text

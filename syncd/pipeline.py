@@ -3,8 +3,6 @@ re-clamped before every transformer call; guidance from up to three passes (full
 prompt, neg_mode block-diagonal with the negative prompt, full with the negative prompt)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,21 +14,22 @@ from common.pipelines.conditioning import build_conditioning
 from common.pipelines.latents import decode_latents
 from common.pipelines.loop import Hook, StepState, sample
 from common.train.conditioning import flux_guidance
-from common.train.flow import resolution_shift
-from syncd.canvas import make_canvas, neg_mode_plan, pack_canvas, slot_mask, split_canvas, unpack_canvas
+from syncd.canvas import make_canvas, neg_mode_plan, pack_canvas, slot_mask, unpack_canvas
 from syncd.guidance import normalized_guidance, true_cfg
 
 NEGATIVE_PROMPT = "3d render, cartoon, low resolution, illustration, blurry, unrealistic"
 
 
-def preprocess_reference(img: Image.Image, size: int = 512) -> torch.Tensor:
-    """Centre square crop on the shortest side, resize to size^2, [-1, 1]: [3, size, size]."""
+def preprocess_reference(img: Image.Image, size: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sample_flux.py's references: `square_crop_shortest_side` (offset ceil((long - short) / 2), its floor
+    division of a negative number), PIL's default (bicubic) resize to size^2, 2 x cast to `dtype` (the model's),
+    then / 255 - 1 in it: [3, size, size]."""
     w, h = img.size
     s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
+    left, top = -((s - w) // 2), -((s - h) // 2)
     img = img.convert("RGB").crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return x
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
+    return (2.0 * x).to(dtype) / 255.0 - 1.0
 
 
 def encode_syncd(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -68,7 +67,8 @@ class SynCDDenoiser:
         embeds, pooled, ids = (c.negative, c.negative_pooled, c.negative_text_ids) if negative else (
             c.embeds, c.pooled, c.text_ids)
         self.calls += 1
-        return self.tr(hidden_states=x, timestep=(t / 1000).expand(x.shape[0]).to(x.dtype),
+        # the original casts t to the latents' dtype before dividing by 1000 (differs from (t / 1000) in bf16)
+        return self.tr(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.dtype) / 1000,
                        guidance=flux_guidance(self.tr, self.guidance_scale, x.shape[0], device=x.device),
                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=ids, img_ids=self.img_ids,
                        joint_attention_kwargs={"plan": plan} if plan is not None else None, return_dict=False)[0]
@@ -84,6 +84,15 @@ class SynCDDenoiser:
         return normalized_guidance(e_u, e_i, e_c, self.true_cfg_scale, self.image_guidance_scale)
 
 
+def calculate_shift(scheduler_config, image_seq_len: int) -> float:
+    """mu of the original pipeline's calculate_shift (its operation order) with the scheduler's constants."""
+    c = scheduler_config
+    m = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (c.get("max_image_seq_len", 4096)
+                                                                - c.get("base_image_seq_len", 256))
+    b = c.get("base_shift", 0.5) - m * c.get("base_image_seq_len", 256)
+    return image_seq_len * m + b
+
+
 def flux_scheduler(pipe, num_inference_steps: int, image_seq_len: int, device=None):
     """The pipe's FlowMatch Euler with sigmas linspace(1, 1/N, N) and the resolution shift of the canvas."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -92,10 +101,7 @@ def flux_scheduler(pipe, num_inference_steps: int, image_seq_len: int, device=No
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     kw = {}
     if sched.config.get("use_dynamic_shifting", False):
-        c = sched.config
-        kw["mu"] = math.log(resolution_shift(image_seq_len, c.get("base_image_seq_len", 256),
-                                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                             c.get("max_shift", 1.15)))
+        kw["mu"] = calculate_shift(sched.config, image_seq_len)
     sched.set_timesteps(sigmas=sigmas, device=device, **kw)
     return sched
 
@@ -111,27 +117,47 @@ def generate(pipe, prompt: str, refs: torch.Tensor, *, num_inference_steps: int 
     if refs.ndim != 4 or refs.shape[0] < 1:
         raise UsageError("SynCD sampling needs at least one reference image")
     n = refs.shape[0] + 1
-    z_ref = encode_syncd(vae, refs, generator)  # [k, C, h, w]
-    c, h, w = z_ref.shape[1:]
-    canvas = make_canvas(torch.cat([torch.zeros_like(z_ref[:1]), z_ref])[None])  # [1, C, h, n*w]
-    z_tokens, img_ids = pack_canvas(canvas)
-    m = slot_mask((h, w), n, 0, device)[None, :, None].to(z_tokens.dtype)
-    cond = build_conditioning(pipe, [prompt], [negative_prompt], do_cfg=true_cfg_scale > 1.0, device=device)
+    # the pipeline's max_sequence_length = 512 T5 tokens (whatever the tokenizer's model_max_length)
+    cond = build_conditioning(pipe, [prompt], [negative_prompt], do_cfg=true_cfg_scale > 1.0, device=device,
+                              max_sequence_length=512)
     out = []
     with plan_installed(tr):
         for _ in range(num_images):
+            # the original draws the starting noise first (its per-image generator's first draw) and re-encodes
+            # the references for every image (a fresh posterior sample; here from the same generator, after it)
+            c, h, w = vae.config.latent_channels, refs.shape[-2] // pipe.vae_scale_factor, refs.shape[-1] // pipe.vae_scale_factor
+            noise = torch.randn((1, c, h, n * w), generator=generator, device=device, dtype=vae.dtype)
+            z_ref = encode_syncd(vae, refs, generator)  # [k, C, h, w]
+            canvas = make_canvas(torch.cat([torch.zeros_like(z_ref[:1]), z_ref])[None])  # [1, C, h, n*w]
+            z_tokens, img_ids = pack_canvas(canvas)
+            m = slot_mask((h, w), n, 0, device)[None, :, None].to(z_tokens.dtype)
             sched = flux_scheduler(pipe, num_inference_steps, z_tokens.shape[1], device)
-            noise = torch.randn(canvas.shape, generator=generator, device=device, dtype=canvas.dtype)
-            x = pack_canvas(noise)[0]
+            x = pack_canvas(noise.to(canvas.dtype))[0]
             den = SynCDDenoiser(tr, cond, img_ids, (h, w), n, guidance_scale=guidance_scale,
                                 true_cfg_scale=true_cfg_scale, image_guidance_scale=image_guidance_scale,
                                 backend=backend)
             x = sample(den, sched, x, hooks=[ClampReferences(z_tokens, m)], progress=progress)
-            lat = split_canvas(unpack_canvas(x, (h, n * w)), n)[:, 0]
-            img = decode_latents(vae, lat.to(vae.dtype)).float().clamp(-1, 1)
-            arr = ((img[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
-            out.append(Image.fromarray(arr))
+            img = decode_canvas(vae, unpack_canvas(x, (h, n * w)))[..., : refs.shape[-1]]
+            out.append(to_pil(img[0]))
     return out
+
+
+def decode_canvas(vae, canvas: torch.Tensor) -> torch.Tensor:
+    """The whole final canvas [B, C, h, n*w] (references as the last step left them, not re-clamped) decoded
+    in one go with VAE tiling on, as the original pipeline (`enable_vae_tiling`; the decoder's mid-block
+    attention lets the references touch the target's pixels): images [B, 3, H, n*W] in [-1, 1], float32."""
+    tiling = vae.use_tiling
+    vae.use_tiling = True
+    try:
+        return decode_latents(vae, canvas.to(vae.dtype)).float()
+    finally:
+        vae.use_tiling = tiling
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """[3, H, W] in ~[-1, 1] -> uint8 as sample_flux.py: clip, (x * 0.5 + 0.5) * 255 truncated (not rounded)."""
+    arr = (torch.clip(img.float(), -1.0, 1.0).permute(1, 2, 0).cpu().numpy() * 0.5 + 0.5) * 255
+    return Image.fromarray(arr.astype(np.uint8))
 
 
 def resize_like(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -114,14 +114,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     existing = [p for p in outs if p.exists()]
     if existing and not args.overwrite:
         raise UsageError(f"{existing[0]} exists; pass --overwrite or another --outdir")
-    refs = torch.stack([preprocess_reference(load_rgb(p), args.height) for p in paths])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float32)
+    ref_images = [load_rgb(p) for p in paths]  # unreadable references fail before any model loads
     pipe = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype)
     family = pipeline_family(pipe)
     if family not in ("flux", "sdxl"):
         raise UsageError(f"SynCD samples FLUX or SDXL models, not {family}")
     flux = family == "flux"
+    # FLUX: sample_flux.py's 2 x cast to the model dtype before / 255 - 1
+    refs = torch.stack([preprocess_reference(im, args.height, dtype if flux else torch.float32) for im in ref_images])
     if not flux:  # the original's sample.py samples SDXL with Euler ancestral (the model's betas, no zero-SNR rescale)
         from diffusers import EulerAncestralDiscreteScheduler
 

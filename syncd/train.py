@@ -9,6 +9,7 @@ adapter's key/value projections beside the LoRA). LoRA through common.train.lora
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.attention.plan import AttentionPlan, KVBank, install_plan
-from common.cli import ArgumentParser, add_model_args, parse_args
+from common.cli import ArgumentParser, add_model_args, parse_args, positive_int
 from common.errors import UsageError
 from common.models.adapters import write_manifest
 from common.models.loading import load_pipeline, preset_family
@@ -24,7 +25,7 @@ from common.pipelines.conditioning import build_conditioning
 from common.pipelines.latents import encode_images
 from common.train import Trainer, TrainingMethod, add_training_args, compute_dtype
 from common.train.conditioning import flux_guidance, sdxl_add_time_ids
-from common.train.flow import flow_matching_loss, resolution_shift, sample_timestep_density, shift_sigmas
+from common.train.flow import flow_matching_loss, sample_timestep_density, shift_sigmas
 from common.train.lora import add_lora, lora_disabled, save_lora_weights
 from syncd.canvas import make_canvas, noise_canvas, pack_canvas, slot_mask
 from syncd.checkpoint import PREFIX, RANK, SDXL_TARGETS, TRAIN_TARGETS, sdxl_state_dict, syncd_state_dict
@@ -43,7 +44,9 @@ def build_parser() -> ArgumentParser:
                    help="SynCD folder(s) with *metadata.json, images and masks/ (required)")
     p.add_argument("--resolution", "--img_size", dest="resolution", type=int, default=None,
                    help="per-image resolution (default: 512 FLUX, 1024 SDXL)")
-    p.add_argument("--numref", type=int, default=-1, help="references per tuple; -1 = all images of a tuple")
+    p.add_argument("--numref", type=int, default=-1,
+                   help="references per tuple (k + 1 images drawn at random, the target too); -1 = all images of a "
+                        "tuple, in order")
     p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default: 32 FLUX, {SDXL_RANK} SDXL)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     p.add_argument("--optimizer", default="prodigy", choices=("prodigy", "adamw"),
@@ -57,6 +60,9 @@ def build_parser() -> ArgumentParser:
                    help="P(drop image only); SDXL: the IP-Adapter gets the null-image embeds")
     p.add_argument("--drop_text", "--drop_txt", dest="drop_text", type=float, default=0.05, help="P(drop text only)")
     p.add_argument("--drop_mask", type=float, default=0.1, help="P(reference masks replaced by all-ones)")
+    p.add_argument("--dilate_mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="dilate the latent-size reference masks by a --kernel_size box, as the original's configs")
+    p.add_argument("--kernel_size", type=positive_int, default=5, help="mask dilation box size (default: %(default)s)")
     p.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalAction, default=True,
                    help="SDXL: DDPM noising with zero-terminal-SNR rescaled betas, as the original's model.py "
                         "(--no-rescale_betas_zero_snr: the model's betas as they are)")
@@ -214,8 +220,9 @@ class SynCDMethod(TrainingMethod):
                        decouple=True, use_bias_correction=True, safeguard_warmup=True)
 
     # ------------------------------------------------------------------------------------------ loss
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, n, 3, H, W] -> latents [B, n, C, h, w] (FLUX: x scaling, no shift; SDXL: diffusers')."""
+    def _encode(self, images: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+        """images [B, n, 3, H, W] -> latents [B, n, C, h, w] (FLUX: x scaling, no shift; SDXL: diffusers'), float32
+        unless keep_dtype (FLUX: the VAE's dtype, as the original's noise and target)."""
         b, n = images.shape[:2]
         flat = images.flatten(0, 1).to(self.accelerator.device, self.pipe.vae.dtype)
         with torch.no_grad():
@@ -223,34 +230,23 @@ class SynCDMethod(TrainingMethod):
                 lat = self.pipe.vae.encode(flat).latent_dist.sample() * self.pipe.vae.config.scaling_factor
             else:
                 lat = encode_images(self.pipe.vae, flat)
-        return lat.float().unflatten(0, (b, n))
+        return (lat if keep_dtype else lat.float()).unflatten(0, (b, n))
 
     def loss(self, batch: dict[str, Any], accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         return self._flux_loss(batch) if self.family == "flux" else self._sdxl_loss(batch)
 
     def _flux_loss(self, batch):
         device = self.accelerator.device
-        lat = self._encode(batch["images"])
-        b, n, c, h, w = lat.shape
-        canvas = make_canvas(lat)
+        lat = self._encode(batch["images"], keep_dtype=True)
         scheme = "uniform" if self.args.uniform_schedule else "beta"
-        u = sample_timestep_density(scheme, b, beta_a=4.0, beta_b=2.0, device=device)
-        seq = canvas.shape[-2] * canvas.shape[-1] // 4
-        sigmas = shift_sigmas(u, resolution_shift(seq))
-        noise = torch.randn_like(canvas)
-        x_t = noise_canvas(canvas, noise, sigmas, n)
-        tokens, img_ids = pack_canvas(x_t)
-        target = pack_canvas(noise - canvas)[0]
+        u = sample_timestep_density(scheme, lat.shape[0], beta_a=4.0, beta_b=2.0, device=device)
+        noise = torch.randn_like(make_canvas(lat))
         with torch.no_grad():
             cond = build_conditioning(self.pipe, batch["prompts"], do_cfg=False, device=device,
                                       max_sequence_length=self.args.max_sequence_length)
-        dtype = next(self.transformer.parameters()).dtype
-        pred = self.transformer(hidden_states=tokens.to(dtype), timestep=sigmas.to(dtype),
-                                guidance=flux_guidance(self.pipe.transformer, self.args.guidance, b, device=device),
-                                pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds,
-                                txt_ids=cond.text_ids, img_ids=img_ids, return_dict=False)[0]
-        mask = slot_mask((h, w), n, 0, device)
-        loss = flow_matching_loss(pred.float(), target.float(), token_mask=mask)
+        loss, sigmas = flux_canvas_loss(self.transformer, self.pipe.scheduler, lat, cond, u, noise,
+                                        guidance=flux_guidance(self.pipe.transformer, self.args.guidance, lat.shape[0],
+                                                               device=device))
         return loss, {"sigma": sigmas.mean()}
 
     def _ip_embeds(self, images: torch.Tensor, drop: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +347,32 @@ class SynCDMethod(TrainingMethod):
                         generator=g, num_images=self.args.num_validation_images, progress=False)
 
 
+def flux_shift(scheduler, image_seq_len: int) -> float:
+    """exp(mu) of model.py's apply_flux_schedule_shift (calculate_shift's operation order, the scheduler's config)."""
+    from syncd.pipeline import calculate_shift
+
+    return math.exp(calculate_shift(scheduler.config, image_seq_len))
+
+
+def flux_canvas_loss(transformer, scheduler, lat: torch.Tensor, cond, u: torch.Tensor, noise: torch.Tensor, *,
+                     guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.py's compute_loss on one canvas. lat [B, n, C, h, w] (target first), u [B] draws of the sigma
+    density, noise [B, C, h, n*w]; sigmas shifted by the canvas' token count (the scheduler's config), the
+    transformer gets (1000 s) cast to its dtype / 1000, the loss is the MSE to noise - z on the target's tokens.
+    Returns (loss, sigmas [B])."""
+    b, n, c, h, w = lat.shape
+    canvas = make_canvas(lat)
+    sigmas = shift_sigmas(u, flux_shift(scheduler, canvas.shape[-2] * canvas.shape[-1] // 4))
+    tokens, img_ids = pack_canvas(noise_canvas(canvas, noise, sigmas, n))
+    target = pack_canvas(noise - canvas)[0]
+    dtype = next(transformer.parameters()).dtype
+    pred = transformer(hidden_states=tokens.to(dtype), timestep=(sigmas * 1000.0).to(dtype) / 1000.0,
+                       guidance=guidance, pooled_projections=cond.pooled.to(dtype),
+                       encoder_hidden_states=cond.embeds.to(dtype), txt_ids=cond.text_ids, img_ids=img_ids,
+                       return_dict=False)[0]
+    return flow_matching_loss(pred.float(), target.float(), token_mask=slot_mask((h, w), n, 0, tokens.device)), sigmas
+
+
 def ip_projection_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The loaded IP-Adapter's to_k_ip/to_v_ip weights, made trainable in float32 (as the LoRA's)."""
     from common.models.ip_adapter import ip_adapter_processors
@@ -366,11 +388,12 @@ def ip_projection_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 def main(argv: Sequence[str] | None = None) -> Trainer:
     args = resolve_args(parse_args(build_parser(), argv))
     dataset = SynCDDataset(args.train_data_dir, args.resolution, args.numref, args.filter_aesthetics,
-                           args.filter_dino, args.drop_both, args.drop_image, args.drop_text, mask_ones_prob=args.drop_mask)
+                           args.filter_dino, args.drop_both, args.drop_image, args.drop_text, mask_ones_prob=args.drop_mask,
+                           mask_kernel_size=args.kernel_size if args.dilate_mask else 1)
     method = SynCDMethod(args, dataset)
     trainer = Trainer(args, method, dataset, collate_fn=collate)
     trainer.train()
     return trainer
 
 
-__all__ = ["SynCDMethod", "build_parser", "ip_projection_parameters", "main", "permute_references", "resolve_trainkeys"]
+__all__ = ["SynCDMethod", "build_parser", "flux_canvas_loss", "flux_shift", "ip_projection_parameters", "main", "permute_references", "resolve_trainkeys"]
