@@ -6,7 +6,8 @@ t > --warp_thresh; each view scaled and pasted near the bottom of a black canvas
 score. Prompts come from --prompts, or a local causal LM (--llm, `syncd.llm_prompts`) writes that file first.
 
 Output (the original layout): <outdir>/{i}_{rank}_{k}.jpg, <outdir>/masks/{stem}.jpg, <outdir>/metadata_{rank}.json
-(list of {filenames, prompts, objaverse_id, category}); with --score <outdir>/metadata_with_scores.json.
+(list of {filenames, prompts, objaverse_id, category}; prompts are the background / cleaned captions, not the
+generation prompts, as the original); with --score <outdir>/metadata_with_scores.json.
 Resumable: finished tuples (listed in the metadata) are skipped. Sharded over processes (accelerate launch):
 tuple i goes to rank i % world_size.
 """
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.attention.schedule import PlanGate
 from common.cli import ArgumentParser, add_model_args, parse_args, positive_int
 from common.errors import UsageError
 from common.io import atomic_save_image, atomic_write_json
@@ -40,7 +40,7 @@ from common.render.mesh import load_mesh, normalize_mesh
 from common.render.raster import rasterize
 from common.render.raster.maps import depth_map
 from common.train.conditioning import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
-from syncd.msa import AttentionStore, area_token_mask, category_token_span, install_recording, msa_plan, \
+from syncd.msa import AttentionStore, area_token_mask, category_token_span, install_recording, msa_gates, msa_plan, \
     stacked_key_rotary
 from syncd.pipeline import flux_scheduler
 from syncd.paste import inverse_depth_image, paste, sample_paste
@@ -57,6 +57,10 @@ RIGID_DROP_PHRASES = (
     "trendy", "modern", "minimalist", "stunning", "iconic", "neon", "antique", "charming", "impressive", "whimsical",
     "bustling", "gleaming")
 MESH_EXT = (".obj", ".glb", ".gltf", ".ply")
+#: the original's assets/categories.txt
+DEFORMABLE_CATEGORIES = ("Hamster", "Rabbit", "Fox", "Parrot", "Bird", "Squirrel", "Cat", "Dog", "Alpaca", "Mouse",
+                         "Frog", "Bear", "Woodpecker", "Duck", "Fish", "Monkey")
+JPEG_QUALITY = 75  #: PIL's default, what the original's `im_.save("....jpg")` writes
 
 
 def build_parser() -> ArgumentParser:
@@ -75,7 +79,8 @@ def build_parser() -> ArgumentParser:
                    help="--llm: requests per deformable category (6) / rigid objects per batch (10)")
     p.add_argument("--max_new_tokens", type=positive_int, default=2048, help="--llm: new tokens per reply")
     p.add_argument("--prompts_only", action="store_true", help="--llm: write the prompt file and stop")
-    p.add_argument("--category", nargs="*", default=["cat"], help="deformable categories (with --llm / no --prompts)")
+    p.add_argument("--category", nargs="*", default=list(DEFORMABLE_CATEGORIES),
+                   help="deformable categories for --llm (default: the original's assets/categories.txt, 16 animals)")
     p.add_argument("--mesh_dir", "--objaverse_dir", dest="mesh_dir", default=None,
                    help="rigid: a folder of meshes (OBJ/GLB/PLY) or one mesh file")
     p.add_argument("--depth_model", default=None, help="rigid: FLUX.1-Depth-dev (default: --model with its "
@@ -84,11 +89,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num", type=positive_int, default=3, help="images per tuple (NUM)")
     p.add_argument("--num_tuples", type=positive_int, default=None,
                    help="tuples to generate (default: one per prompt-file category; rigid: every mesh x --repeat_each_id)")
-    p.add_argument("--repeat_each_id", type=positive_int, default=1, help="rigid: tuples per mesh")
+    p.add_argument("--repeat_each_id", type=positive_int, default=2, help="rigid: tuples per mesh (the original's 2)")
     p.add_argument("--inference_steps", "--num_inference_steps", dest="inference_steps", type=positive_int, default=None,
                    help="denoising steps (default: 50 deformable, 30 rigid)")
     p.add_argument("--guidance_scale", type=float, default=None, help="FLUX guidance (default: 3.5 / 10.0)")
-    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="rigid: negative-prompt true CFG from step 1")
+    p.add_argument("--true_cfg_scale", type=float, default=2.5,
+                   help="rigid: negative-prompt true CFG from step 1 (the original's guidance_scale_real 2.5; 1 = off)")
     p.add_argument("--height", "--resolution", dest="height", type=positive_int, default=None,
                    help="image size (default: 1024 deformable, 512 rigid)")
     p.add_argument("--warp_thresh", type=float, default=0.8, help="rigid: warp latents while t > this")
@@ -103,7 +109,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="seed (each rank adds its index)")
     p.add_argument("--score", action="store_true", help="compute DINOv2 / aesthetic scores (metadata_with_scores.json)")
     p.add_argument("--tiny_backbones", action="store_true", help="tiny random scoring backbones (tests)")
-    p.add_argument("--dinov2_model", default="facebook/dinov2-large", help="DINOv2 for --score")
+    p.add_argument("--dinov2_model", default="facebook/dinov2-with-registers-large",
+                   help="DINOv2 for --score (the original's dinov2_vitl14_reg)")
     p.add_argument("--aesthetic_model", default=None, help="LAION aesthetic head .pth for --score")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -131,7 +138,7 @@ def deformable_prompts(args, rng: random.Random) -> list[dict[str, Any]]:
             raise UsageError(f"category {entry['category']!r} has no description prompts")
         picked = rng.sample(bgs, args.num)
         desc = desc if isinstance(desc, str) else rng.choice(desc)
-        tuples.append({"category": entry["category"],
+        tuples.append({"category": entry["category"], "captions": picked,  # the metadata's prompts (the original's)
                        "prompts": [f"{b.rstrip('.')}. {desc.rstrip('.')}. wide angle shot" for b in picked]})
     return tuples
 
@@ -159,7 +166,7 @@ def llm_prompt_file(args, meshes: list[Path] | None) -> Path:
     path = Path(args.prompts) if args.prompts else Path(args.outdir) / f"prompts_llm_{args.mode}.json"
     captions = None
     if rigid:
-        captions = read_captions(args.captions) if args.captions else {m.stem: m.stem.replace("_", " ") for m in meshes}
+        captions = mesh_captions(read_captions(args.captions) if args.captions else None, meshes)
     llm = LocalLLM(args.llm, device=args.device, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if rigid:
         rigid_prompt_file(llm, captions, path, num_prompts=args.num_prompts or 10,
@@ -168,6 +175,15 @@ def llm_prompt_file(args, meshes: list[Path] | None) -> Path:
         deformable_prompt_file(llm, args.category, path, num_prompts=args.num_prompts or 25,
                                batch_size=args.llm_batch_size or 6, progress=args.progress)
     return path
+
+
+def mesh_captions(csv: dict[str, str] | None, meshes: list[Path]) -> dict[str, str]:
+    """The captions the LLM is asked about: the Cap3D rows of the meshes at hand only (the original keeps the rows
+    of its asset list, `captions[0].isin(categories)`), a mesh without a row gets none; without a CSV, each mesh
+    stem ("red_mug" -> "red mug")."""
+    if csv is None:
+        return {m.stem: m.stem.replace("_", " ") for m in meshes}
+    return {m.stem: csv[m.stem] for m in meshes if m.stem in csv}
 
 
 def clean_rigid_caption(caption: str) -> str:
@@ -199,7 +215,8 @@ def rigid_captions(prompts: dict[str, list[str]] | None, stem: str, k: int, num:
 
 
 class MaskUpdate(Hook):
-    """Deformable: after each step, fold the step's attention record into the estimate and rebuild masks."""
+    """Deformable: after each step, fold the step's attention record into the estimate and rebuild masks (a no-op
+    when the store already closed the step in its last layer)."""
 
     def __init__(self, store: AttentionStore, plan):
         self.store, self.plan = store, plan
@@ -246,10 +263,17 @@ def widen_for_depth(transformer) -> None:
     transformer.register_to_config(in_channels=old.in_features * 2)
 
 
-def _decode(pipe, tokens: torch.Tensor, latent_hw) -> list[Image.Image]:
+def to_pil(img: torch.Tensor, truncate: bool = False) -> list[Image.Image]:
+    """Decoded images [N, 3, H, W] in [-1, 1] -> PIL. Deformable: rounded (diffusers' postprocess, as
+    gen_deformable.py); rigid (`truncate`): clip(x / 2 + 0.5) * 255 cast down, as gen_rigid.py."""
+    x = ((img.float().clamp(-1, 1) / 2 + 0.5) * 255).permute(0, 2, 3, 1)
+    x = x.floor() if truncate else x.round()
+    return [Image.fromarray(a.byte().cpu().numpy()) for a in x]
+
+
+def _decode(pipe, tokens: torch.Tensor, latent_hw, truncate: bool = False) -> list[Image.Image]:
     lat = flux_unpack_latents(tokens, latent_hw)
-    img = decode_latents(pipe.vae, lat.to(pipe.vae.dtype)).float().clamp(-1, 1)
-    return [Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()) for x in img]
+    return to_pil(decode_latents(pipe.vae, lat.to(pipe.vae.dtype)), truncate)
 
 
 def generate_tuple(pipe, prompts: list[str], *, size: int, steps: int, guidance: float, generator: torch.Generator,
@@ -259,7 +283,8 @@ def generate_tuple(pipe, prompts: list[str], *, size: int, steps: int, guidance:
                    ) -> tuple[list[Image.Image], torch.Tensor | None, dict[str, Any]]:
     """N images of one object jointly. fg: bool [N, gh, gw] known masks (rigid) or None (deformable: estimated
     from `spans`); corr: correspondences for the latent warp; control: packed depth latents [N, L, C].
-    Returns (images, final token masks or None, info)."""
+    Returns (images, final masks or None, info): deformable the Otsu estimate (float [N, gh, gw], undilated, what
+    the original saves), rigid the token masks used."""
     tr, device = pipe.transformer, pipe.transformer.device
     n = len(prompts)
     factor = pipe.vae_scale_factor
@@ -275,10 +300,12 @@ def generate_tuple(pipe, prompts: list[str], *, size: int, steps: int, guidance:
     if msa and n > 1:
         rot = stacked_key_rotary(tr, text_len, (lh, lw), n, device=device)
         plan = msa_plan(fg, n, text_len=text_len, key_rotary=rot, backend=backend)
-        hooks.append(PlanGate(plan, lambda s: float(s.t) / 1000 < 1.0))
+        hooks.extend(msa_gates(plan))  # t = 1: no mask at all (text sees the others too); t < 1: MSA
         cond.attention = {"plan": plan}
         if fg is None and spans is not None:
-            store = AttentionStore(spans, (gh, gw), dilate=1)
+            # the step closes in the last layer's record, before its attention (the original's editor)
+            store = AttentionStore(spans, (gh, gw), dilate=1, layers_per_step=len(tr.attn_processors),
+                                   on_step=lambda st: setattr(plan, "token_masks", st.masks()))
             cond.attention["attn_store"] = store
             hooks.append(MaskUpdate(store, plan))
         from common.attention.plan import install_plan
@@ -301,8 +328,8 @@ def generate_tuple(pipe, prompts: list[str], *, size: int, steps: int, guidance:
             handle.restore()
     if warp is not None:
         info["warp_steps"] = warp.calls
-    masks = plan.token_masks if plan is not None else None
-    return _decode(pipe, x, (lh, lw)), masks, info
+    masks = store.estimate() if store is not None else (plan.token_masks if plan is not None else None)
+    return _decode(pipe, x, (lh, lw), truncate=control is not None), masks, info
 
 
 # ------------------------------------------------------------------------------------------------- rigid
@@ -462,7 +489,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 true_cfg_scale=args.true_cfg_scale, warp_thresh=args.warp_thresh, msa=not args.no_msa,
                 backend=args.attention_backend, max_sequence_length=args.max_sequence_length, progress=False)
             mask_imgs = [Image.fromarray((a.cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for a in alpha]
-            entry = {"filenames": names, "prompts": prompts, "objaverse_id": mesh_path.stem, "category": "rigid",
+            # metadata prompts: the cleaned captions, without the generation suffix (the original's batch['prompts'])
+            entry = {"filenames": names, "prompts": [clean_rigid_caption(c) for c in caps],
+                     "objaverse_id": mesh_path.stem, "category": "rigid",
                      "original_filenames": [f"{mesh_path.stem}_view{j}" for j in range(args.num)], **info}
             if pastes is not None:
                 entry["paste"] = [{"scale": q.scale, "x": q.x, "y": q.y, "canvas": q.canvas} for q in pastes]
@@ -475,12 +504,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 max_sequence_length=args.max_sequence_length, progress=False)
             if masks is None:
                 masks = torch.ones(args.num, 1, 1, dtype=torch.bool)
-            up = F.interpolate(masks.float()[:, None], size=(size, size), mode="nearest")[:, 0]
-            mask_imgs = [Image.fromarray((m.cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for m in up]
-            entry = {"filenames": names, "prompts": prompts, "objaverse_id": None, "category": "deformable"}
+            up = F.interpolate(masks.float()[:, None], size=(size, size), mode="nearest")[:, 0].clamp(0, 1)
+            mask_imgs = [Image.fromarray((m.cpu().numpy() * 255).astype(np.uint8)) for m in up]  # 'L', as the original
+            # metadata prompts: the background captions (the original stores `prompt`, not the generation prompts)
+            entry = {"filenames": names, "prompts": list(job["captions"]), "objaverse_id": "", "category": "deformable"}
         for nm, img, m in zip(names, images, mask_imgs):
-            atomic_save_image(img, out / nm, quality=95)
-            atomic_save_image(m, out / "masks" / nm, quality=95)
+            atomic_save_image(img, out / nm, quality=JPEG_QUALITY)
+            atomic_save_image(m, out / "masks" / nm, quality=JPEG_QUALITY)
         meta = [m for m in meta if tuple(m["filenames"]) != tuple(names)] + [entry]
         atomic_write_json(meta_path, meta)
     state.wait_for_everyone()

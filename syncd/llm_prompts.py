@@ -23,12 +23,21 @@ from tqdm.auto import tqdm
 from common.errors import UsageError
 from common.io import atomic_write_json
 
+
+
+def _indented(text: str, spaces: int, tail: str) -> str:
+    """The original's triple-quoted templates: every line after the first indented by `spaces` (blank lines stay
+    empty), plus its trailing whitespace `tail`."""
+    first, *rest = text.split("\n")
+    return "\n".join([first] + [" " * spaces + line if line else "" for line in rest]) + tail
+
+
 SYSTEM = "You are a language model expert in suggesting image captions for different object categories."
 _NO_SPECULATION = (
     'DO NOT add any unnecessary speculation about the things that are not part of the image such as "the image is '
     'inspiring to viewers" or "seeing this makes you feel joy". DO NOT add things such as "creates a unique and '
     'entertaining visual", as these descriptions are interpretations and not a part of the image itself.')
-BG_DEFORMABLE = (
+BG_DEFORMABLE = _indented(
     'Suggest {n} caption for images of a {cat}. Make sure "{cat}" word is in the caption. The caption should provide '
     'a brief description of the background. DO NOT add any unnecessary adjectives or emotion words in the caption. '
     'Please keep the caption factual and terse but complete. ' + _NO_SPECULATION + ' The description should be '
@@ -39,8 +48,8 @@ BG_DEFORMABLE = (
     'Example captions for the category "cat" are:\n'
     '1. A photo of a siamese cat playing in a garden. The garden is filled with wildflowers.\n'
     '2. A cat is sitting beside a book in a library.\n'
-    '4. Painting of a cat in watercolor style.')
-DESC_DEFORMABLE = (
+    '4. Painting of a cat in watercolor style.', 28, " ")
+DESC_DEFORMABLE = _indented(
     'Suggest {n} caption for images of a {cat}. Make sure "{cat}" word is in the caption. The caption should provide '
     'detailed visual information of the {cat} including color and subspecies. DO NOT add any unnecessary adjectives '
     'or emotion words in the caption or background scene details. Please keep the caption factual and terse but '
@@ -50,8 +59,8 @@ DESC_DEFORMABLE = (
     'face, paws, and tail.\n'
     '2. The white fluffy Maine Coon cat with long, and bushy tail spread out beside it, and its thick fur has a mix '
     'of brown, black, and white stripes.\n'
-    '3. The bengal cat with marbled coat features a pattern of vivid orange and black spots.')
-BG_RIGID = (
+    '3. The bengal cat with marbled coat features a pattern of vivid orange and black spots.', 28, " ")
+BG_RIGID = _indented(
     'Suggest {n} caption for images of a {cat}. The caption should provide a description of the background. DO NOT '
     'add any unnecessary adjectives or emotion words in the caption. Please keep the caption factual and terse but '
     'complete. ' + _NO_SPECULATION + ' The description should be purely factual, with no subjective speculation. '
@@ -63,7 +72,7 @@ BG_RIGID = (
     '2. A white plastic bottle is placed next to a steaming cup of coffee on a polished wooden table.\n\n'
     'Example captions for "a blue truck" are:\n'
     '1. A blue tank in a military storage facility with metal walls.\n'
-    '2. A blue tank on a desert battlefield ground, with palm trees in the background.')
+    '2. A blue tank on a desert battlefield ground, with palm trees in the background.', 32, "\n" + " " * 32)
 
 #: lines containing any of these are LLM chatter, not captions (the original's list)
 CHATTER = ("suggestions", "note:", "captions", "**", "brief description", "detailed visual", "additional captions",

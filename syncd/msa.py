@@ -6,7 +6,7 @@ key positions, the timestep gate, and the online foreground estimate (Otsu over 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,59 +62,82 @@ def timestep_gate(plan: AttentionPlan, num_train_timesteps: int = 1000) -> PlanG
     return PlanGate(plan, lambda s: float(s.t) / num_train_timesteps < 1.0)
 
 
+def msa_gates(plan: AttentionPlan, num_train_timesteps: int = 1000) -> list[PlanGate]:
+    """Hooks for the original's `attn_mask=... if t < 1 else None`: at t < 1 the MSA mask (text queries see only
+    their own image); at the first step (t = 1) no mask at all, so text queries also see the other images."""
+    return [timestep_gate(plan, num_train_timesteps),
+            PlanGate(plan, lambda s: float(s.t) / num_train_timesteps >= 1.0, attribute="text_sees_others")]
+
+
 def otsu_binarize(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """x: [...] affinities -> {0, 1} float, threshold by Otsu over `bins` bins after min-max normalisation."""
+    """x: [...] affinities -> the original's (`editor.py: otsu`) map: min-max normalised z, threshold t/bins
+    (t = 0..bins-1) maximising w_low * w_high * (mean_low - mean_high)^2 over the actual values (low: z < t/bins,
+    high: z >= t/bins; a strictly larger score wins, the threshold starts at 0); then z < thr -> 0, z > thr -> 1 and
+    values equal to thr keep it (the original's in-place writes). Float, same shape as x."""
     flat = x.flatten().float()
     lo, hi = flat.min(), flat.max()
-    z = (flat - lo) / (hi - lo).clamp_min(1e-12)
-    hist = torch.histc(z, bins=bins, min=0.0, max=1.0)
-    centers = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
-    edges = torch.arange(1, bins, dtype=torch.float32) / bins
-    best, thr = -1.0, 0.5
-    for k in range(1, bins):
-        w0, w1 = hist[:k].sum(), hist[k:].sum()
-        if w0 == 0 or w1 == 0:
+    z = (flat - lo) / (hi - lo).clamp_min(1e-12)  # the original divides by 0 (NaN) for a constant map
+    n = z.numel()
+    best, thr = 0.0, 0.0
+    for t in range(bins):
+        cut = t / bins
+        low, high = z[z < cut], z[z >= cut]
+        if low.numel() == 0 or high.numel() == 0:  # the original's NaN mean never wins
             continue
-        m0 = (hist[:k] * centers[:k]).sum() / w0
-        m1 = (hist[k:] * centers[k:]).sum() / w1
-        var = float(w0 * w1 * (m0 - m1) ** 2)
-        if var > best:
-            best, thr = var, float(edges[k - 1])
-    return (z > thr).float().view_as(x)
+        g = float((low.numel() / n) * (high.numel() / n) * (low.mean() - high.mean()) ** 2)
+        if g > best:
+            best, thr = g, cut
+    out = z.clone()
+    out[z < thr] = 0.0
+    out[z > thr] = 1.0
+    return out.view_as(x)
 
 
 def category_token_span(tokenizer, prompt: str, category: str, default: tuple[int, int] = (2, 3)
                         ) -> tuple[int, int]:
     """[start, end) of the category phrase's tokens in the tokenized prompt (exact subsequence match of
-    the phrase's own tokens, special tokens dropped); `default` when absent (the original's [2, 3))."""
+    the phrase's own tokens, special tokens dropped; the last match when it occurs twice, as the original's
+    `get_token_indices`); `default` when absent (the original's [2, 3))."""
     ids = tokenizer(prompt).input_ids
     sub = tokenizer(category, add_special_tokens=False).input_ids
+    span = default
     if not sub:
-        return default
+        return span
     for s in range(len(ids) - len(sub) + 1):
         if ids[s:s + len(sub)] == sub:
-            return s, s + len(sub)
-    return default
+            span = (s, s + len(sub))
+    return span
 
 
 class AttentionStore:
-    """Online foreground estimate: per image, the affinity of image tokens to the category-token span,
-    averaged over layers and accumulated over steps; `masks()` binarises it (Otsu, 10 bins) and dilates.
+    """Online foreground estimate (the original's `AttentionStore`): per layer, the text-to-image affinity
+    softmax_text(q_text . k_img / sqrt(d)) averaged over heads, summed over the category-token span, averaged over
+    layers and accumulated over steps; `estimate()` is its Otsu map, `masks()` that map > 0, dilated.
 
-    `record(image_q [N, heads, P, d], text_k [N, heads, T, d])` is called by `RecordingFluxProcessor`."""
+    `record(text_q [N, heads, T, d], image_k [N, heads, P, d])` is called by `RecordingFluxProcessor`, before the
+    layer's attention. With `layers_per_step` (the number of recording layers), the record of the step's last layer
+    closes the step at once and calls `on_step(self)` - as the original, whose step ends inside the last layer's
+    editor call, so that layer's attention already uses the mask from this step's affinities."""
 
-    def __init__(self, spans: Sequence[tuple[int, int]], grid: tuple[int, int], dilate: int = 1):
+    def __init__(self, spans: Sequence[tuple[int, int]], grid: tuple[int, int], dilate: int = 1,
+                 layers_per_step: int | None = None, on_step: Callable[["AttentionStore"], None] | None = None):
         self.spans, self.grid, self.dilate = list(spans), grid, dilate
+        self.layers_per_step, self.on_step = layers_per_step, on_step
         self.acc: torch.Tensor | None = None
         self.layers = 0
         self.step_sum: torch.Tensor | None = None
 
-    def record(self, image_q: torch.Tensor, text_k: torch.Tensor) -> None:
-        scores = (image_q.float() @ text_k.float().transpose(-1, -2)) * image_q.shape[-1] ** -0.5
-        aff = scores.softmax(-1).mean(1)  # [N, P, T]
+    def record(self, text_q: torch.Tensor, image_k: torch.Tensor) -> None:
+        # the original: sim = q[:, :T] k^T * scale -> [T, P], permuted to [P, T], softmax over the text tokens
+        scores = (text_q.float() @ image_k.float().transpose(-1, -2)) * text_q.shape[-1] ** -0.5  # [N, h, T, P]
+        aff = scores.transpose(-1, -2).softmax(-1).mean(1)  # [N, P, T]
         span = torch.stack([aff[i, :, a:b].sum(-1) for i, (a, b) in enumerate(self.spans)])  # [N, P]
         self.acc = span if self.acc is None else self.acc + span
         self.layers += 1
+        if self.layers_per_step is not None and self.layers == self.layers_per_step:
+            self.end_step()
+            if self.on_step is not None:
+                self.on_step(self)
 
     def end_step(self) -> None:
         if self.acc is None:
@@ -123,12 +146,21 @@ class AttentionStore:
         self.step_sum = avg if self.step_sum is None else self.step_sum + avg
         self.acc, self.layers = None, 0
 
-    def masks(self) -> torch.Tensor | None:
-        """bool [N, h, w] foreground (None before the first recorded step)."""
+    def estimate(self) -> torch.Tensor | None:
+        """float [N, h, w]: the Otsu map (0 / 1, a value equal to the threshold kept), what the original saves
+        with --save_attn_mask (before dilation); None before the first recorded step."""
         if self.step_sum is None:
             return None
         h, w = self.grid
-        out = torch.stack([otsu_binarize(m) for m in self.step_sum]).view(-1, h, w) > 0
+        return torch.stack([otsu_binarize(m) for m in self.step_sum]).view(-1, h, w)
+
+    def masks(self) -> torch.Tensor | None:
+        """bool [N, h, w] foreground tokens for the MSA mask: estimate > 0, box-dilated (the original's 3x3
+        convolution of ones, clamped, > 0); None before the first recorded step."""
+        est = self.estimate()
+        if est is None:
+            return None
+        out = est > 0
         return dilate_mask(out, self.dilate) if self.dilate > 0 else out
 
 
@@ -144,7 +176,7 @@ register_attention_key("attn_store")
 
 
 class RecordingFluxProcessor(FluxPlanAttnProcessor):
-    """FluxPlanAttnProcessor that also hands (image queries, text keys) to an `AttentionStore` given as
+    """FluxPlanAttnProcessor that also hands (text queries, own image keys) to an `AttentionStore` given as
     `joint_attention_kwargs["attn_store"]`. The projections are recomputed for the record (data generation
     only; the attention itself is the plan processor's, unchanged)."""
 
@@ -172,7 +204,7 @@ class RecordingFluxProcessor(FluxPlanAttnProcessor):
             text_len = plan.text_len if plan is not None and plan.text_len is not None else 0
         if rotary is not None:
             q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
-        store.record(q[:, text_len:].transpose(1, 2), k[:, :text_len].transpose(1, 2))
+        store.record(q[:, :text_len].transpose(1, 2), k[:, text_len:].transpose(1, 2))
 
 
 def install_recording(transformer, default_plan: AttentionPlan | None = None):

@@ -1,5 +1,6 @@
-"""SynCD filtering scores (§1.4, `cal_scores.py`): DINOv2 CLS cosine between mask-cropped objects of a tuple
-(upper-triangular matrix) and the LAION aesthetic score of each image, written to metadata_with_scores.json."""
+"""SynCD filtering scores (§1.4, `cal_scores.py`): DINOv2 (ViT-L/14 with registers, as the original's
+`dinov2_vitl14_reg`) CLS cosine between mask-cropped objects of a tuple (upper-triangular matrix) and the LAION
+aesthetic score of each image, written to metadata_with_scores.json."""
 from __future__ import annotations
 
 import json
@@ -15,13 +16,31 @@ from common.errors import UsageError
 from common.io import atomic_write_json
 
 
-def crop_by_mask(img: Image.Image, mask: Image.Image) -> Image.Image:
-    """The object's bounding box (mask > 0), the whole image when the mask is empty."""
-    m = np.asarray(mask.convert("L").resize(img.size, Image.NEAREST)) > 0
+def _mask_box(m: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The original's `mask_to_bbox(square=True)`: tight box [x0, y0, x1, y1) of m, None when empty or one pixel
+    thick; then a square of half-side round(max half-extent) around the rounded centre (may leave the image)."""
     ys, xs = np.nonzero(m)
-    if ys.size == 0:
+    if ys.size == 0 or xs.max() <= xs.min() or ys.max() <= ys.min():
+        return None
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+    cx, cy = ((box[:2] + box[2:]) / 2).round().astype(int)
+    s = int(((box[2:] - box[:2]) / 2).max().round())
+    return cx - s, cy - s, cx + s, cy + s
+
+
+def crop_by_mask(img: Image.Image, mask: Image.Image) -> Image.Image:
+    """The original's `crop_by_mask` (cal_scores' DINOv2 input): the square box around the object (mask > 0,
+    nearest-resized to the image), padded with black where it leaves the image; when that box is exactly the
+    whole (square) image the inverted mask's box is used. The whole image when there is no box (the original
+    returns it too, and raises when the inverted mask is empty)."""
+    m = np.asarray(mask.convert("L").resize(img.size, Image.NEAREST)) > 0
+    box = _mask_box(m)
+    side = max(img.size)
+    if box is not None and box == (0, 0, side, side):
+        box = _mask_box(~m)
+    if box is None:
         return img
-    return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return img.crop(tuple(int(v) for v in box))
 
 
 def _backbones(tiny: bool, dinov2: str, aesthetic: str | None, device: str):
@@ -39,7 +58,7 @@ def _backbones(tiny: bool, dinov2: str, aesthetic: str | None, device: str):
     return load_dinov2(dinov2, "cls", device=device), (head, load_clip("ViT-L-14", "openai", device=device))
 
 
-def score_folder(root: Path, *, tiny: bool = False, dinov2: str = "facebook/dinov2-large",
+def score_folder(root: Path, *, tiny: bool = False, dinov2: str = "facebook/dinov2-with-registers-large",
                  aesthetic: str | None = None, device: str = "cpu", progress: bool = True) -> Path:
     from common.eval.aesthetic import aesthetic_score
 

@@ -103,32 +103,42 @@ def warp_pair(src: torch.Tensor, rows: torch.Tensor, res: int) -> tuple[torch.Te
     return warped, mask
 
 
+def _erode(mask: torch.Tensor) -> torch.Tensor:
+    """mask [N, R, R] -> the original's erosion: 3x3 mean with zero padding (conv of ones / 9, 'same') >= 0.9, so
+    a pixel stays only when its 9 neighbours are all set (the image border always goes)."""
+    return (F.avg_pool2d(mask[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] >= 0.9).to(mask.dtype)
+
+
 def warp_latents(latents: torch.Tensor, corr: dict[tuple[int, int], torch.Tensor], t: float, res: int = 128,
                  erode_below: float = 0.9) -> torch.Tensor | None:
-    """latents [N, C, h, w] (N = 3) -> warped latents, or None (out of range: stop warping this sample).
+    """latents [N, C, h, w] (N = 2 or 3) -> warped latents, or None (out of range: stop warping this sample).
 
-    The last image is the anchor: it is warped into images 0 and 1 (pairs (0,2), (1,2)), then image 1 into
-    image 0 where image 0 is still unfilled. z = m * warped + (1 - m) z; for t < erode_below m is eroded."""
+    The original's `warpcorrespondence`, step by step: the last image (anchor) is warped into every other image
+    (pairs (a, N-1)) with match mask m (eroded for t < erode_below) and blended z_a = m w + (1 - m) z_a; then
+    (N = 3) image 1 *as just blended* is warped into image 0 at the pair-(0, 1) matches where the (eroded) m_0 is
+    0, that mask eroded on its own, and blended into the already blended image 0."""
     n, c, h, w = latents.shape
     up = F.interpolate(latents.float(), size=(res, res), mode="nearest")
     anchor = n - 1
-    warped = up.clone()
+    warped = torch.zeros_like(up)
     masks = torch.zeros(n, res, res, dtype=up.dtype, device=up.device)
     for a in range(anchor):
         r = warp_pair(up[anchor], corr[(a, anchor)], res)
         if r is None:
             return None
         warped[a], masks[a] = r
-    for a, b in ((i, j) for i in range(anchor) for j in range(i + 1, anchor)):
-        r = warp_pair(up[b], corr[(a, b)], res)
+    if t < erode_below:
+        masks = _erode(masks)
+    out = masks[:, None] * warped + (1 - masks[:, None]) * up
+    if anchor > 1 and (0, 1) in corr:  # the original's warp_first_second
+        r = warp_pair(out[1], corr[(0, 1)], res)
         if r is None:
             return None
-        free = (masks[a] == 0) & (r[1] > 0)
-        warped[a] = torch.where(free[None], r[0], warped[a])
-        masks[a] = torch.where(free, r[1], masks[a])
-    if t < erode_below:
-        masks = (F.avg_pool2d(masks[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0] >= 0.9).to(up.dtype)
-    out = masks[:, None] * warped + (1 - masks[:, None]) * up
+        vals, hit = r
+        second = hit * (1 - masks[0])  # 1 - m_0 at the matched pixels, 0 elsewhere
+        if t < erode_below:
+            second = _erode(second[None])[0]
+        out[0] = second * vals + (1 - second) * out[0]
     return F.interpolate(out, size=(h, w), mode="nearest").to(latents.dtype)
 
 
