@@ -7,7 +7,10 @@ from the local cache gives one clear line on how to get it.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +81,39 @@ def _is_toy_folder(spec: str) -> bool:
     return os.path.abspath(spec).startswith(str(TOYWORLD_DIR))
 
 
+def _shared_components(folder: str, torch_dtype: torch.dtype | None) -> dict[str, Any]:
+    """The components a pipeline folder borrows from a sibling instead of holding a second copy on disk.
+
+    A folder with `shared_components.json` (toy-sdxl: toy-sd's VAE, text encoder, tokenizer, scheduler) names
+    the sibling (`base`) and which of its subfolders fill which slots; each is loaded with the class that the
+    folder's model_index.json gives, through its own from_pretrained. `text_encoder_2` (a
+    CLIPTextModelWithProjection) is the sibling's text tower plus the folder's text_encoder_2/text_projection.
+    """
+    path = Path(folder) / "shared_components.json"
+    if not path.is_file():
+        return {}
+    from common.io import load_weights
+
+    spec = json.loads(path.read_text())
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    base = (Path(folder) / spec["base"]).resolve()
+    if not (base / "model_index.json").is_file():
+        raise UsageError(f"'{folder}' shares components with '{base}', which holds no pipeline")
+    out: dict[str, Any] = {}
+    for name, sub in spec.get("components", {}).items():
+        cls = getattr(importlib.import_module(index[name][0]), index[name][1])
+        kw = {"dtype": torch_dtype} if torch_dtype is not None and issubclass(cls, torch.nn.Module) else {}
+        out[name] = cls.from_pretrained(base / sub, **kw)
+    if "text_encoder_2" in spec:
+        cls = getattr(importlib.import_module(index["text_encoder_2"][0]), index["text_encoder_2"][1])
+        model = cls(cls.config_class.from_pretrained(Path(folder) / "text_encoder_2"))
+        model.text_model.load_state_dict(load_weights(base / spec["text_encoder_2"] / "model.safetensors"))
+        projection = load_weights(Path(folder) / "text_encoder_2" / "text_projection.safetensors")
+        model.text_projection.load_state_dict({"weight": projection["text_projection.weight"]})
+        out["text_encoder_2"] = model.to(dtype=torch_dtype or torch.float32).eval()
+    return out
+
+
 def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, **kwargs: Any) -> DiffusionPipeline:
     """A diffusers pipeline from a preset (`tiny-sd`, `sd14`, ...), a hub id or a local folder.
@@ -104,6 +140,7 @@ def load_pipeline(spec: str, pipeline_cls: type | None = None, *, torch_dtype: t
             torch_dtype = torch.float32  # toy weights are stored in fp16 (to stay small) but run in fp32
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        kwargs = {**_shared_components(spec, torch_dtype), **kwargs}  # toy-sdxl: toy-sd's VAE, text encoder, ...
         pipe = _from_pretrained(cls, spec, **kwargs)
     if device is not None:
         pipe = pipe.to(device)

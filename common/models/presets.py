@@ -45,6 +45,8 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-controlnet", "controlnet", note="random weights, ControlNet for tiny-sd"),
         Preset("toy-sd", "sd", str(TOYWORLD_DIR / "toy-sd"),
                "trained toy world (assets/toyworld): 32x32 shape scenes, samples on a CPU in seconds"),
+        Preset("toy-sdxl", "sdxl", str(TOYWORLD_DIR / "toy-sdxl"),
+               "trained toy world in SDXL layout (toy-sd converted + fine-tuned; shares toy-sd's VAE and text tower)"),
         Preset("toy-clip", "clip", str(TOYWORLD_DIR / "toy-clip"),
                "toy world CLIPModel (32x32 scenes): the judge of the toy-world effect tests"),
         Preset("clip-vit-h-14", "image-encoder", "h94/IP-Adapter", "OpenCLIP ViT-H/14 (IP-Adapter plus, MIP sdxl_plus)",
