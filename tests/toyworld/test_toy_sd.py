@@ -1,4 +1,4 @@
-"""toy-sd draws the prompt's colour, as toy-clip reads it; the quickstart command samples toy-sd.
+"""toy-sd draws the prompt's colour, as toy-clip reads it (the quickstart samples toy-sdxl: test_toy_sdxl.py).
 
 The effect is measured against the same model and noise with an empty prompt: a pipeline that ignored its
 text (or a broken text path) scores the same both ways. Floors sit below the accuracy measured on the
@@ -38,19 +38,6 @@ def test_toy_sd_samples_match_their_prompts(toy_sd, toy_clip):
     assert prompted[0].size == (32, 32)
     assert acc["color"] >= COLOR_FLOOR, acc
     assert acc["color"] - base["color"] >= MARGIN_OVER_EMPTY_PROMPT, (acc, base)
-
-
-def test_quickstart_command_samples_toy_sd(tmp_path):
-    """The README quickstart, run as a user would, loads toy-sd through its preset and writes its 32x32 picture
-    (tiny-sd would write 64x64). Whether the picture shows the prompt is the next test's (known-failing) part."""
-    out = tmp_path / "circle.png"
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, str(root / "scripts" / "sample.py"), "--model", "toy-sd", "--prompt",
-           "a red circle on a blue background", "--guidance_scale", str(GUIDANCE), "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, cwd=root, capture_output=True, timeout=300, env=env)
-    img = Image.open(out).convert("RGB")
-    assert img.size == (32, 32)
 
 
 @pytest.mark.xfail(strict=True, reason="toy-sd (step 2000: 0 of 8 seeds read red; step 3600: still "
