@@ -22,6 +22,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import RandomCrop
 
 from common.data import load_rgb
 from common.data.masks import load_mask
@@ -33,6 +34,7 @@ from mudi.segmix import (
     Subject,
     check_relative_scale,
     collage,
+    collage_pair,
     crop_subject,
     loss_mask_map,
     max_factor,
@@ -58,10 +60,9 @@ def dreambooth_transform(img: Image.Image, resolution: int, center_crop: bool) -
     img = TF.resize(img, [resolution], interpolation=TF.InterpolationMode.BILINEAR)
     if center_crop:
         img = TF.center_crop(img, [resolution, resolution])
-    else:
-        top = int(torch.randint(img.height - resolution + 1, ()))
-        left = int(torch.randint(img.width - resolution + 1, ()))
-        img = TF.crop(img, top, left, resolution, resolution)
+    else:  # torchvision's RandomCrop draws: none for a square image, else top then left
+        top, left, h, w = RandomCrop.get_params(img, (resolution, resolution))
+        img = TF.crop(img, top, left, h, w)
     return TF.normalize(TF.to_tensor(img), [0.5], [0.5])
 
 
@@ -79,6 +80,7 @@ class SegMixOptions:
     random_flip: bool = False
     model: str = "sdxl"
     repeats: int = 1
+    num_class_images: int | None = 100
 
 
 class MuDIDataset(Dataset):
@@ -121,7 +123,14 @@ class MuDIDataset(Dataset):
                 raise UsageError(f"{r.mask}: {e}") from None
 
     def __len__(self) -> int:
-        return len(self.meta.records) * self.options.repeats
+        """Instance images x repeats; with a class set, as the original: at least min(entries in the class folder,
+        --num_class_images), so the class index (index % count per id) reaches every class image."""
+        n = len(self.meta.records) * self.options.repeats
+        if self.class_meta is None:
+            return n
+        entries = sum(1 for _ in self.class_meta.folder.iterdir())  # the original counts every file there
+        cap = self.options.num_class_images
+        return max(n, entries if cap is None else min(entries, cap))
 
     def set_step(self, step: int) -> None:
         """Main-process step for plain-int indexing (the StepIndex path does not need it)."""
@@ -136,41 +145,77 @@ class MuDIDataset(Dataset):
         return crop_subject(np.ascontiguousarray(img), np.ascontiguousarray(mask), record.id)
 
     def _flip(self) -> bool:
-        return self.options.random_flip and random.random() < 0.5
+        """The original's flip draw; a flip then spends two torch draws, as its RandomHorizontalFlip(p=1.0) calls
+        on the image and on the mask do."""
+        flip = self.options.random_flip and random.random() < 0.5
+        if flip:
+            torch.rand(1), torch.rand(1)
+        return flip
 
-    def _compose(self, records: Sequence[Record], scales: Sequence[float], height_sync: bool
+    def _compose(self, records: Sequence[Record], scales: Sequence[float] | None, height_sync: bool,
+                 flips: Sequence[bool] | None = None, first_left: bool | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Seg-Mix composite of `records` (one per subject) -> (pixels [3, R, R], mask map [1, R/8, R/8], white)."""
+        """Seg-Mix composite of `records` (one per subject; the item's own first) -> (pixels [3, R, R],
+        mask map [1, R/8, R/8], white).
+
+        Two subjects follow the original draw for draw: a scale per subject from numpy's global generator
+        (U(low f_max, f_max), own then partner; `scales` given = the fixed --relative_scale fractions), then
+        is_first from `random` (own subject on the left; `first_left` given = no draw, the class branch), FLUX's
+        white draw, then `collage_pair`. More subjects use the generalised `collage`."""
         cfg, o = self.config, self.options
-        subjects = [self._subject(r, self._flip()) for r in records]
+        if flips is None:
+            flips = [self._flip() for _ in records]
+        subjects = [self._subject(r, f) for r, f in zip(records, flips)]
         n = len(subjects)
-        subjects = [resize_subject(s, max_factor(s, cfg.canvas, n, cfg.margin) * f) for s, f in zip(subjects, scales)]
-        white = cfg.white_prob >= 1 or random.random() < cfg.white_prob
-        result = collage(subjects, cfg.canvas, cfg.margin_max, height_sync=height_sync, white=white)
+        fmax = [max_factor(s, cfg.canvas, n, cfg.margin) for s in subjects]
+        if scales is None:
+            factors = [float(np.random.uniform(f * cfg.scale_low, f)) for f in fmax]
+        else:
+            factors = [f * k for f, k in zip(fmax, scales)]
+        subjects = [resize_subject(s, f) for s, f in zip(subjects, factors)]
+        if n == 2:
+            own_left = random.random() < 0.5 if first_left is None else first_left
+            white = cfg.white_prob >= 1 or random.random() < cfg.white_prob
+            left, right = subjects if own_left else subjects[::-1]
+            result = collage_pair(left, right, cfg.canvas, cfg.margin_max, height_sync=height_sync, white=white)
+        else:
+            white = cfg.white_prob >= 1 or random.random() < cfg.white_prob
+            result = collage(subjects, cfg.canvas, cfg.margin_max, height_sync=height_sync, white=white)
         pixels = dreambooth_transform(Image.fromarray(result.image), o.resolution, o.center_crop)
         return pixels, loss_mask_map(result.merged, o.resolution // LATENT_FACTOR, o.soft_alpha), white
 
     def _partners(self, own: str) -> list[str]:
-        others = [k for k in self.groups if k != own]
+        """Other ids, in the id map's order (the original's `random.choice` over them for one partner)."""
+        others = [k for k in self.meta.ids if k != own and k in self.groups]
+        if self.options.num_subjects == 2:
+            return [random.choice(others)]
         return random.sample(others, self.options.num_subjects - 1)
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
+        """Draws in the original's order: own flip (FLUX), the Seg-Mix draw, partner id, partner image, partner
+        flip, scales (numpy), is_first, white (FLUX), the collage, the crop (torch); then the class item."""
         index, step = split_step_index(index)
         step = self.step if step is None else step
         o = self.options
-        record = self.meta.records[index % len(self.meta.records)]
+        reps = self.options.repeats  # the original repeats each record in place: r0, r0, r1, r1, ...
+        record = self.meta.records[(index % (len(self.meta.records) * reps)) // reps]
+        own_flip = self._flip()
         do_segmix = random.random() < o.segmix_prob and step >= o.segmix_start_step
         item: dict[str, Any] = {"id": record.id, "segmix": do_segmix}
         if do_segmix:
             ids = [record.id, *self._partners(record.id)]
-            records = [record] + [random.choice(self.groups[k]) for k in ids[1:]]
-            scales = scale_factors(ids, self.meta.ids, o.relative_scale, self.config.scale_low)
-            pixels, mask_map, white = self._compose(records, scales, height_sync=False)
+            records, flips = [record], [own_flip]
+            for k in ids[1:]:
+                records.append(random.choice(self.groups[k]))
+                flips.append(self._flip())
+            scales = None if o.relative_scale == 0 else \
+                scale_factors(ids, self.meta.ids, o.relative_scale, self.config.scale_low)
+            pixels, mask_map, white = self._compose(records, scales, height_sync=False, flips=flips)
             item.update(pixel_values=pixels, mask_map=mask_map,
                         prompt=segmix_prompt([self.meta.id_map[k] for k in ids], o.model, white))
         else:
             img = load_rgb(record.image)
-            if self._flip():
+            if own_flip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             size = o.resolution // LATENT_FACTOR
             item.update(pixel_values=dreambooth_transform(img, o.resolution, o.center_crop), prompt=record.text,
@@ -181,16 +226,22 @@ class MuDIDataset(Dataset):
 
     def _class_item(self, index: int, own: str, ids: list[str] | None) -> dict[str, Any]:
         """Prior image of the same id (deterministic: index % count); composed like the instance when Seg-Mix
-        applies (random scales, shared height, white), captioned with the plain class names."""
+        applies, as the original: a partner id drawn anew from the class ids (itself when there is one), random
+        scales whatever --relative_scale, own class image on the left (no is_first draw), shared height, white,
+        captioned with the plain class names. No flips."""
         o, cm = self.options, self.class_meta
         first = self.class_groups[own][index % len(self.class_groups[own])]
         if ids is None:
             size = o.resolution // LATENT_FACTOR
             return {"class_pixel_values": dreambooth_transform(load_rgb(first.image), o.resolution, o.center_crop),
                     "class_prompt": first.text, "class_mask_map": torch.ones(1, size, size)}
+        if len(ids) == 2:
+            class_ids = [k for k in cm.ids if k in self.class_groups]
+            others = [k for k in class_ids if k != own]
+            ids = [own, random.choice(others) if len(class_ids) > 1 else own]
         records = [first] + [random.choice(self.class_groups[k]) for k in ids[1:]]
-        scales = [random.uniform(self.config.scale_low, 1.0) for _ in ids]
-        pixels, mask_map, white = self._compose(records, scales, height_sync=True)
+        pixels, mask_map, white = self._compose(records, None, height_sync=True, flips=[False] * len(records),
+                                                first_left=True)
         return {"class_pixel_values": pixels, "class_mask_map": mask_map,
                 "class_prompt": segmix_prompt([cm.id_map[k] for k in ids], o.model, white)}
 

@@ -35,8 +35,9 @@ def pad_to_square(image: Image.Image, fill=(255, 255, 255)) -> Image.Image:
 
 
 def crop_detections(image: Image.Image, boxes: Sequence[Box]) -> list[Image.Image]:
-    """Each box (x0, y0, x1, y1) cropped and padded to a white square."""
-    return [pad_to_square(image.crop(tuple(int(round(v)) for v in box))) for box in boxes]
+    """Each box (x0, y0, x1, y1) cropped and padded to a white square. As the original: coordinates rounded to
+    2 decimals, then PIL's crop rounds them to pixels (half to even), so 11.4951 -> 11.5 -> 12."""
+    return [pad_to_square(image.crop(tuple(int(round(round(float(v), 2))) for v in box))) for box in boxes]
 
 
 def similarity_matrix(detections: torch.Tensor, references: Sequence[torch.Tensor]) -> torch.Tensor:

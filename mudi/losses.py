@@ -22,5 +22,7 @@ def masked_mean_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 def dco_loss(model_loss: torch.Tensor, ref_loss: torch.Tensor, beta: float) -> torch.Tensor:
-    """softplus(beta (L_model - L_ref)); the reference term carries no gradient."""
-    return F.softplus(beta * (model_loss - ref_loss.detach()))
+    """-log sigmoid(-beta (L_model - L_ref)) written as the original (= softplus(beta diff), which rounds
+    differently in the last bit); the reference term carries no gradient."""
+    diff = model_loss - ref_loss.detach()
+    return -1 * F.logsigmoid(-1 * beta * diff)

@@ -17,7 +17,8 @@ from common.cli import ArgumentParser, ModelConfig, SamplingConfig, add_model_ar
 from common.cli import positive_int
 from common.errors import UsageError
 
-NEGATIVE = "sticker, collage, cartoon, abstract glitch, blurry"
+#: The negative prompt of the original's sampling helper (utils/pipe.py gen_pipe.sample) and generate_prior.py.
+NEGATIVE = "anime, cartoon, graphic, text, painting, crayon, graphite, abstract glitch, blurry"
 
 
 def build_parser() -> ArgumentParser:

@@ -190,6 +190,37 @@ def collage(subjects: Sequence[Subject], canvas: int | tuple[int, int], margin_m
     return Collage(image, merged, [owner == k for k in range(n)], boxes, list(order), white)
 
 
+def collage_pair(left: Subject, right: Subject, canvas: int | tuple[int, int], margin_max: int, *,
+                 height_sync: bool = False, white: bool = True, rng: Any = _random) -> Collage:
+    """The original two-subject `image_collage`, draw for draw: `left` left-aligned, `right` right-aligned.
+
+    Draws from `rng` in the original's order: y of left then right (one shared y with `height_sync`, drawn only
+    when there is room), is_left (left pasted first, so right on top), left margin, right margin. Returns a
+    Collage whose subjects are (left, right)."""
+    ch, cw = _hw(canvas)
+    (h0, w0), (h1, w1) = left.mask.shape, right.mask.shape
+    if height_sync:
+        room = ch - max(h0, h1)
+        y0 = y1 = rng.randint(0, room) if room > 0 else 0
+    else:
+        y0, y1 = rng.randint(0, ch - h0), rng.randint(0, ch - h1)
+    is_left = rng.random() < 0.5
+    lm, rm = rng.randint(1, margin_max), rng.randint(1, margin_max)
+    boxes = [(lm, y0, lm + w0, y0 + h0), (cw - rm - w1, y1, cw - rm, y1 + h1)]
+    order = [0, 1] if is_left else [1, 0]
+    image = np.zeros((ch, cw, 3), np.uint8)
+    owner = np.full((ch, cw), -1, np.int64)
+    for k in order:
+        s, (x0, ya, x1, yb) = (left, right)[k], boxes[k]
+        fg = s.mask > PASTE_THRESHOLD
+        image[ya:yb, x0:x1][fg] = s.image[fg]
+        owner[ya:yb, x0:x1][fg] = k
+    merged = owner >= 0
+    if white:
+        image[~merged] = 255
+    return Collage(image, merged, [owner == 0, owner == 1], boxes, order, white)
+
+
 def segmix_prompt(placeholders: Sequence[str], model: str = "sdxl", white: bool = True) -> str:
     """The Seg-Mix caption: subjects in draw order (own id first), not in canvas order."""
     article = _ARTICLE[model]

@@ -10,8 +10,10 @@ Where we differ on purpose (README "MuDI"): the FLUX loss is masked by the Seg-M
 it and never uses it); the DCO reference disables every LoRA, text encoders' included (the original keeps the
 text-encoder LoRA on in its reference); the SDXL Seg-Mix mask map has the latent size of --resolution (the
 original hard-codes 128x128, which breaks any resolution but 1024); --random_flip works on SDXL too; prior
-preservation also works on FLUX; --snr_gamma, EDM-style training, Prodigy, kohya export and cached latents are
-refused with a message instead of failing later.
+preservation also works on FLUX; with prior preservation DCO's reference uses the instance half only; LoRA
+weights stay float32 under bf16; --snr_gamma, EDM-style training, Prodigy, kohya export and cached latents are
+refused with a message instead of failing later. As the original (tests/mudi/test_mudi_original.py): DCO as
+-logsigmoid(-beta diff), latents / noise dtype, FLUX's noise-then-u draw order, the LoRA initialisation.
 """
 from __future__ import annotations
 
@@ -76,7 +78,9 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--class_prompt", default=None, help="unused: class prompts come from class_metadata.jsonl")
     d.add_argument("--with_prior_preservation", action="store_true", help="add the (masked) prior-preservation loss")
     d.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-    d.add_argument("--num_class_images", type=int, default=100, help="unused here: see scripts/prior_mudi.py")
+    d.add_argument("--num_class_images", type=int, default=100,
+                   help="with prior preservation an epoch has max(instance images x repeats, min(files in "
+                        "--class_data_dir, N)) items, as the original (class images are made by scripts/prior_mudi.py)")
     d.add_argument("--sample_batch_size", type=int, default=4, help="unused here: see scripts/prior_mudi.py")
     d.add_argument("--prior_generation_precision", default=None, help="unused here: see scripts/prior_mudi.py")
     d.add_argument("--resolution", type=int, default=None, help="training size (default: SDXL 1024, FLUX 512)")
@@ -100,7 +104,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--train_text_encoder", action="store_true", help="also LoRA on the CLIP text encoder(s)")
     s.add_argument("--text_encoder_lr", type=float, default=5e-6, help="learning rate of the text-encoder LoRA")
     s.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3, help="weight decay of the text LoRA")
-    s.add_argument("--save_steps", type=int, default=500, help="dump the LoRA to output_dir/save-N every N steps")
+    s.add_argument("--save_steps", type=int, default=500,
+                   help="dump the LoRA every N steps: SDXL output_dir/save-N (from --segmix_start_step on), "
+                        "FLUX output_dir/step_N, as the originals")
     s.add_argument("--validation_prompt", default=None, help="prompt sampled during training")
     s.add_argument("--num_validation_images", type=int, default=4, help="images per validation")
     s.add_argument("--validation_epochs", type=int, default=50,
@@ -199,8 +205,17 @@ def build_dataset(args: argparse.Namespace) -> MuDIDataset:
                             segmix_start_step=args.segmix_start_step, relative_scale=args.relative_scale,
                             soft_alpha=args.soft_alpha, num_subjects=args.segmix_num_subjects,
                             center_crop=args.center_crop, random_flip=args.random_flip, model=args.family,
-                            repeats=args.repeats)
+                            repeats=args.repeats, num_class_images=args.num_class_images)
     return MuDIDataset(meta, options, class_meta)
+
+
+def training_latent_dtype(family: str, vae_override: str | None, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the training latents (and so of the noise drawn like them), as the original trainers:
+    FLUX casts to the mixed-precision dtype; SDXL too, except with --pretrained_vae_model_name_or_path (the
+    README's fp16-fix VAE), where the float32 VAE output is kept."""
+    if family == "sdxl" and vae_override:
+        return torch.float32
+    return weight_dtype
 
 
 class MuDIMethod(TrainingMethod):
@@ -302,12 +317,21 @@ class MuDIMethod(TrainingMethod):
         return t5, pooled, torch.zeros(t5.shape[1], 3, device=self.device, dtype=t5.dtype)
 
     # --------------------------------------------------------------------------------------------- loss
-    def on_step_start(self, step: int) -> None:
-        """Dump `save-N` after step N (N a multiple of --save_steps, N >= --segmix_start_step), as the original."""
+    def save_dir(self, step: int) -> Path | None:
+        """Where the LoRA is dumped after optimizer step N, as the original trainers: SDXL `save-N` for N a multiple
+        of --save_steps and N >= --segmix_start_step; FLUX `step_N` at every multiple (no start condition)."""
         args = self.args
-        if step > 0 and step % args.save_steps == 0 and step >= args.segmix_start_step:
-            if self.accelerator.is_main_process:
-                self.save_final(Path(args.output_dir) / f"save-{step}")
+        if step <= 0 or step % args.save_steps:
+            return None
+        if self.family == "sdxl":
+            return Path(args.output_dir) / f"save-{step}" if step >= args.segmix_start_step else None
+        return Path(args.output_dir) / f"step_{step}"
+
+    def on_step_start(self, step: int) -> None:
+        """Dump the LoRA of step N (see `save_dir`) when step N + 1 starts."""
+        target = self.save_dir(step)
+        if target is not None and self.accelerator.is_main_process:
+            self.save_final(target)
 
     def _predict(self, latents: torch.Tensor, prompts: list[str], noise_draw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, target) [B, C, h, w] for the current LoRA state; `noise_draw` fixes noise and t."""
@@ -332,21 +356,28 @@ class MuDIMethod(TrainingMethod):
         return flux_unpack_latents(packed, (h, w)).float(), noise_draw["target"]
 
     def _noise(self, latents: torch.Tensor) -> dict[str, Any]:
+        """SDXL: noise, then t ~ U{0..999} (DDPM). FLUX, as the original: noise first, then u on the CPU
+        generator (diffusers' compute_density_for_timestep_sampling), sigmas and weights in the latents' dtype."""
         if self.family == "sdxl":
             n = noise_latents(self.noise_scheduler, latents)
             return {"x_t": n.x_t, "t": n.t, "target": n.target, "weight": None}
         args = self.args
+        noise = torch.randn_like(latents)
         u = sample_timestep_density(args.weighting_scheme, len(latents), logit_mean=args.logit_mean,
-                                    logit_std=args.logit_std, mode_scale=args.mode_scale, device=latents.device)
+                                    logit_std=args.logit_std, mode_scale=args.mode_scale, device="cpu")
         sigmas, timesteps = scheduler_sigmas(u, self.noise_scheduler)
-        x_t, target = flow_interpolate(latents, torch.randn_like(latents), sigmas)
-        return {"x_t": x_t, "t": timesteps, "target": target, "weight": loss_weighting(args.weighting_scheme, sigmas)}
+        sigmas = sigmas.to(latents.device, latents.dtype)
+        x_t, target = flow_interpolate(latents, noise, sigmas)
+        return {"x_t": x_t, "t": timesteps.to(latents.device), "target": target,
+                "weight": loss_weighting(args.weighting_scheme, sigmas).float()}
 
     def loss(self, batch: dict[str, Any], accelerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         args = self.args
         pixels = batch["pixel_values"].to(self.device, dtype=self.pipe.vae.dtype)
         with torch.no_grad():
-            latents = encode_images(self.pipe.vae, pixels).float()
+            latents = encode_images(self.pipe.vae, pixels)
+        latents = latents.to(training_latent_dtype(self.family, self.args.pretrained_vae_model_name_or_path,
+                                                   compute_dtype(accelerator)))
         mask = batch["mask_map"].to(self.device)
         if mask.shape[-2:] != latents.shape[-2:]:
             raise RuntimeError(f"mask map {tuple(mask.shape[-2:])} does not match latents {tuple(latents.shape[-2:])}")
@@ -401,9 +432,9 @@ class MuDIMethod(TrainingMethod):
                           {"family": self.family, "id_map": meta.id_map, "rank": self.args.rank,
                            "resolution": self.args.resolution})
         final = self.final_step
-        if Path(directory) == Path(self.args.output_dir) and final and final % self.args.save_steps == 0 \
-                and final >= self.args.segmix_start_step:
-            self.save_final(Path(directory) / f"save-{final}")
+        target = self.save_dir(final) if final else None
+        if Path(directory) == Path(self.args.output_dir) and target is not None:
+            self.save_final(target)
 
     def validate(self, step: int) -> list:
         args = self.args
@@ -429,4 +460,4 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     return trainer
 
 
-__all__ = ["MuDIMethod", "build_parser", "main"]
+__all__ = ["MuDIMethod", "build_parser", "main", "training_latent_dtype"]

@@ -36,14 +36,20 @@ def _dataset(folder, **kw):
 def _capture_collage(monkeypatch):
     """Record what the dataset hands to `collage` and what it returns."""
     calls = []
-    real = mudi_data.collage
+    real, real_pair = mudi_data.collage, mudi_data.collage_pair
 
     def spy(subjects, *a, **kw):
         out = real(subjects, *a, **kw)
         calls.append((subjects, out))
         return out
 
+    def spy_pair(left, right, *a, **kw):  # two subjects: the original's collage, subjects in canvas order
+        out = real_pair(left, right, *a, **kw)
+        calls.append(([left, right], out))
+        return out
+
     monkeypatch.setattr(mudi_data, "collage", spy)
+    monkeypatch.setattr(mudi_data, "collage_pair", spy_pair)
     return calls
 
 
@@ -222,7 +228,8 @@ def test_value_range_and_white(dataset_dir, monkeypatch):
     merged = torch.from_numpy(calls[-1][1].merged)
     assert (px[:, ~merged] == 1).all()
     red = torch.tensor(COLOURS["a"]) / 127.5 - 1
-    owned = torch.from_numpy(calls[-1][1].masks[0])
+    own = [sub.id for sub in calls[-1][0]].index("a")
+    owned = torch.from_numpy(calls[-1][1].masks[own])
     assert torch.allclose(px[:, owned].mean(1), red, atol=0.05)
     assert item["mask_map"].shape == (1, 128, 128)
 

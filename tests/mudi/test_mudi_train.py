@@ -74,7 +74,7 @@ def test_flux_training_masked(dataset_dir, tmp_path, fresh_accelerate_state):
     assert json.loads((out / "adapter.json").read_text())["base_family"] == "flux"
     trained = trainer.accelerator.unwrap_model(trainer.method.transformer).float().cpu().eval()
     pipe = build_tiny("tiny-flux")
-    pipe.load_lora_weights(str(out / "save-2"))
+    pipe.load_lora_weights(str(out / "step_2"))  # FLUX: the original's step_N
     gen = torch.Generator().manual_seed(0)
     x = dict(hidden_states=torch.randn(1, 16, 16, generator=gen), timestep=torch.tensor([0.5]),
              guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=gen),
