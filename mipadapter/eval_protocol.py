@@ -1,6 +1,7 @@
 """MIP-Adapter's Concept101 protocol and Table 1 (the generic scoring lives in common.eval): per combination
-CLIP-T (ViT-B/32 CLIPScore on the prompts.json text, saved with a final '.'), CLIP-I and DINO averaged 0.5/0.5
-over the two concepts' uncropped references, then the plain mean over the 101 combinations."""
+CLIP-T (ViT-B/32 CLIPScore on the prompts.json text: `<prompt>_gen` cut at its first '.', plus '.'), CLIP-I
+and DINO averaged 0.5/0.5 over the two concepts' uncropped references, then the plain mean over the 101
+combinations."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None, *, add_generate_args: Callable[[Argu
     return evaluate(
         args, bench, table=TABLE, paper_rows=PAPER_TABLES[TABLE], title="Concept101 multi-concept (MIP-Adapter Table 1)",
         label="MIP-Adapter", clip_text=lambda s: s,
-        notes=["CLIP-T text = the prompts.json entry as saved (MIP-Adapter stores the prompt with a final '.')",
+        notes=["CLIP-T text = the prompts.json entry as saved (MIP-Adapter's: the image file stem '<prompt>_gen' "
+               "up to its first '.', plus '.')",
                "CLIP-I / DINO averaged 0.5/0.5 over the two concepts' uncropped references"],
     )

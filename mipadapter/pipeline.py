@@ -21,6 +21,9 @@ from mipadapter.model import MIPAdapter, object_tokens
 from mipadapter.processor import STATE_KEY, MIPState
 
 NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+#: The original's IPAdapterXL.generate takes no guidance_scale and IPAdapterPlusXL.generate swallows its 7.5
+#: without passing it on, so every original sample ran at StableDiffusionXLPipeline's default.
+GUIDANCE_SCALE = 5.0
 
 
 def entity_lengths(pipe: Any, words: Sequence[str]) -> torch.Tensor:
@@ -50,15 +53,20 @@ def encode_references(adapter: MIPAdapter, encoder: ImageEncoder, references: Se
 
 def build_state(pipe: Any, adapter: MIPAdapter, encoder: ImageEncoder, references: Sequence[Sequence[Any]],
                 words: Sequence[str], *, batch: int, scale: float | None = None, masks: torch.Tensor | None = None,
-                latent_hw: tuple[int, int] | None = None) -> MIPState:
-    """The per-call state for `batch` positive rows (same references for every row). masks: [K, h, w] or None."""
+                latent_hw: tuple[int, int] | None = None, lengths: torch.Tensor | None = None) -> MIPState:
+    """The per-call state for `batch` positive rows (same references for every row). masks: [K, h, w] or None;
+    lengths: long [batch, K] entity token lengths per row (default: each word's own length, entity_lengths)."""
     if len(references) != len(words):
         raise ValueError(f"{len(references)} reference groups but {len(words)} entity words")
     tokens, negative = encode_references(adapter, encoder, references)
     embeds, empty = encode_entities(pipe, words)
     device = pipe._execution_device
     rows = lambda t: t[None].expand(batch, *t.shape).to(device).contiguous()
-    return MIPState(rows(tokens), rows(embeds), rows(entity_lengths(pipe, words)), negative_tokens=rows(negative),
+    if lengths is None:
+        lengths = rows(entity_lengths(pipe, words))
+    elif tuple(lengths.shape) != (batch, len(words)):
+        raise ValueError(f"lengths has shape {tuple(lengths.shape)}, expected {(batch, len(words))}")
+    return MIPState(rows(tokens), rows(embeds), lengths.to(device, torch.long), negative_tokens=rows(negative),
                     negative_entity_embeds=rows(empty), masks=None if masks is None else rows(masks.float()),
                     latent_hw=latent_hw, scale=scale)
 
@@ -109,13 +117,14 @@ class StepRangeDenoiser:
 @torch.no_grad()
 def generate(pipe: Any, adapter: MIPAdapter, encoder: ImageEncoder, prompt: str | list[str], references: Sequence[Sequence[Any]],
              words: Sequence[str], *, scale: float, num_samples: int = 1, num_inference_steps: int = 30,
-             guidance_scale: float = 7.5, seed: int | None = 420, height: int | None = None, width: int | None = None,
+             guidance_scale: float = GUIDANCE_SCALE, seed: int | None = 420, height: int | None = None, width: int | None = None,
              negative_prompt: str | None = NEGATIVE_PROMPT, masks: torch.Tensor | None = None,
              ip_step_range: tuple[float, float] = (0.0, 1.0), weight_maps: bool = False, progress: bool = True,
-             generator: torch.Generator | None = None) -> tuple[list[PIL.Image.Image], torch.Tensor | None]:
+             generator: torch.Generator | None = None, lengths: torch.Tensor | None = None
+             ) -> tuple[list[PIL.Image.Image], torch.Tensor | None]:
     """`num_samples` images per prompt (one prompt or a batch) with K references (object k = images
     references[k], word words[k]); returns the PIL images and, with weight_maps, the mean routing weights
-    [images, K, h, w]."""
+    [images, K, h, w]. lengths: long [prompts, K] entity token lengths per prompt (default: the words' own)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     device = pipe._execution_device
     if generator is None and seed is not None:
@@ -126,8 +135,10 @@ def generate(pipe: Any, adapter: MIPAdapter, encoder: ImageEncoder, prompt: str 
     height, width = height or dh, width or dw
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     rows = len(prompts) * num_samples
+    if lengths is not None:
+        lengths = lengths.repeat_interleave(num_samples, dim=0)  # the original repeats each prompt's indexes
     state = build_state(pipe, adapter, encoder, references, words, batch=rows, scale=scale, masks=masks,
-                        latent_hw=latent_hw)
+                        latent_hw=latent_hw, lengths=lengths)
     negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
     setup = prepare(pipe, prompts, negatives, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, height=height, width=width, generator=generator,

@@ -110,6 +110,9 @@ def relevance_maps(attn: Attention, query: torch.Tensor, entity_embeds: torch.Te
     b, heads, n, d = query.shape
     k = entity_embeds.shape[1]
     with torch.no_grad():
+        if attn.norm_cross:  # as the original: the entity words pass the layer's cross-attention norm too
+            flat = attn.norm_encoder_hidden_states(entity_embeds.flatten(0, 1))
+            entity_embeds = flat.view(b, k, *flat.shape[1:])
         keys = attn.to_k(entity_embeds[:, :, 1:1 + max_len])  # [B, K, Lmax, inner]
         keys = keys.reshape(b, k * max_len, heads, d).transpose(1, 2)
         if attn.norm_k is not None:

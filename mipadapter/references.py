@@ -43,8 +43,8 @@ def from_flags(refs: Sequence[str] = (), paths: Sequence[str | None] = (), folde
         word, value = parse_pair(text, "--ref")
         out.append(Reference(word, [Path(p) for p in value.split(",") if p]))
     for p in paths:
-        if p:
-            out.append(Reference(Path(p).stem, [Path(p)]))
+        if p:  # inference.py: the file name up to its first '.' is the word
+            out.append(Reference(Path(p).name.split(".")[0], [Path(p)]))
     if folder:
         root = Path(folder)
         if not root.is_dir():

@@ -1,7 +1,7 @@
-"""`sample_mipadapter.py`: the original `inference.py` (same flags and defaults: 30 steps, seed 420, CFG 7.5, its
-negative prompt) for any number of references: `--ref word=path` (several images: `word=a.jpg,b.jpg`), the
-original two flags or a `--ref_dir` folder whose file stems are the entity words. Beyond the original:
-`--ref_mask word=mask.png` confines a reference to a region (multiplied into the learned routing),
+"""`sample_mipadapter.py`: the original `inference.py` (same flags and defaults: 30 steps, seed 420, its negative
+prompt, CFG 5.0 as its SDXL pipeline ran) for any number of references: `--ref word=path` (several images:
+`word=a.jpg,b.jpg`), the original two flags or a `--ref_dir` folder whose file stems are the entity words.
+Beyond the original: `--ref_mask word=mask.png` confines a reference to a region (multiplied into the routing),
 `--ip_step_range START END` keeps the image branch on only inside that part of the schedule, and
 `--save_weight_maps` writes each reference's routing map as a heat map over the image."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ from common.models.loading import load_pipeline, pipeline_family
 from mipadapter import references as refs_mod
 from mipadapter.model import VARIANTS, MIPAdapter
 from mipadapter.outputs import safe_name, weight_overlay
-from mipadapter.pipeline import NEGATIVE_PROMPT, generate
+from mipadapter.pipeline import GUIDANCE_SCALE, NEGATIVE_PROMPT, generate
 
 
 def str2bool(text: str) -> bool:
@@ -80,7 +80,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--num_samples", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--num_inference_steps", "--steps", dest="num_inference_steps", type=positive_int, default=30,
                    help="denoising steps")
-    s.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
+    s.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE,
+                   help="classifier-free guidance (the original's generate never forwards its 7.5: the SDXL "
+                        "pipeline's default 5.0 is what ran)")
     s.add_argument("--seed", type=int, default=420, help="random seed")
     s.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's, 1024)")
     s.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's, 1024)")

@@ -1,8 +1,9 @@
 """`train_mipadapter.py --variant sdxl|sdxl_plus`: the original train_sdxl.py / train_sdxl_plus.py on the shared
 Trainer (accelerate, mixed precision, multi-GPU, exact resume). Trained: exactly to_k_ip, to_v_ip and
 text_to_weight of every cross-attention layer; the image projection comes from the IP-Adapter checkpoint and
-stays frozen (the original computes gradients for it and throws them away). Loss: epsilon MSE, t ~ U{0..999};
-per sample 5% image drop, 5% text drop, 5% both (the entity words are never dropped)."""
+stays frozen (the original computes gradients for it and throws them away). Loss: epsilon MSE, t ~ U{0..999},
+DDPM noising with the model's betas (not its sampler); per sample 5% image drop, 5% text drop, 5% both (the
+entity words are never dropped)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from common.cli import ArgumentParser, parse_args
 from common.errors import UsageError
@@ -75,6 +77,18 @@ def drop_masks(draw: torch.Tensor, i_rate: float, t_rate: float, ti_rate: float)
     return image | both, text | both
 
 
+def kv_init(unet: torch.nn.Module, state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """train_sdxl.py without --pretrained_ip_adapter_path: every to_k_ip / to_v_ip starts as a copy of its layer's
+    to_k / to_v (only the image projection is random). Rewrites state["ip_adapter"] in place; returns state."""
+    names = list(unet.attn_processors)
+    for key in list(state["ip_adapter"]):
+        n, part = key.split(".")[:2]
+        if part in ("to_k_ip", "to_v_ip"):
+            layer = unet.get_submodule(names[int(n)].rsplit(".processor", 1)[0])
+            state["ip_adapter"][key] = getattr(layer, part[:4]).weight.detach().clone()
+    return state
+
+
 class MIPTraining(TrainingMethod):
     name = "mipadapter"
     weights_name = "mip_adapter"
@@ -91,6 +105,9 @@ class MIPTraining(TrainingMethod):
         if pipeline_family(self.pipe) != "sdxl":
             raise UsageError(f"MIP-Adapter trains on SDXL, got a {pipeline_family(self.pipe)} model")
         self.pipe.set_progress_bar_config(disable=True)
+        # the original's DDPMScheduler.from_pretrained(subfolder="scheduler"): DDPM noising from the model's betas,
+        # not the pipeline's sampler (SDXL's Euler add_noise is x0 + sigma * eps, for a sigma-scaled input)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
             getattr(self.pipe, name).requires_grad_(False)
         self.pipe.vae.to(device, torch.float32)  # the original keeps the VAE in fp32
@@ -105,7 +122,7 @@ class MIPTraining(TrainingMethod):
         if a.pretrained_ip_adapter_path:
             state, source = read_ip_adapter(a.pretrained_ip_adapter_path), a.pretrained_ip_adapter_path
         else:
-            state, source = random_ip_adapter_state(self.unet, self.variant.ip, feat), "random init"
+            state, source = kv_init(self.unet, random_ip_adapter_state(self.unet, self.variant.ip, feat)), "random init"
         self.adapter = MIPAdapter(self.unet, state, source=source, variant=self.variant.name, require_gate=False,
                                   zero_gate=a.zero_gate, num_tokens=self.variant.tokens)
         if self.adapter.missing and accelerator.is_main_process:
@@ -163,9 +180,10 @@ class MIPTraining(TrainingMethod):
             if self.args.noise_offset:
                 noise = noise + self.args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=device,
                                                                      dtype=latents.dtype)
-            sched = self.pipe.scheduler
+            sched = self.noise_scheduler
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
             x_t = sched.add_noise(latents, noise, t)
+            self.last_inputs.update(latents=latents, noise=noise, timesteps=t, noisy_latents=x_t)
         pred = self.unet(x_t, t, encoder_hidden_states=embeds,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
                          cross_attention_kwargs={STATE_KEY: state}).sample

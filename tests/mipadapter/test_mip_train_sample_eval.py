@@ -201,7 +201,7 @@ def test_end_to_end_train_sample_k3_eval(tmp_path, fresh_accelerate_state):
     files = sorted(p.name for p in (tmp_path / "gen" / "comb_0").glob("*.png"))
     assert files == ["cat sitting on chair_gen.png", "chair next to cat on the beach_gen.png"]
     table = json.loads((tmp_path / "gen" / "comb_0" / "prompts.json").read_text())
-    assert table["cat sitting on chair_gen.png"] == "cat sitting on chair."
+    assert table["cat sitting on chair_gen.png"] == "cat sitting on chair_gen."  # the original's stem + '.'
     assert res["n_images"] == 2
     stamp = (tmp_path / "gen" / "comb_0" / files[0]).stat().st_mtime_ns
     eval_main(argv)  # resumable: finished images are kept, not regenerated
