@@ -1,16 +1,19 @@
 """Custom Diffusion's training data: concepts, the resize augmentation with its loss mask and prompt
 words, and the prior-preservation (class) images.
 
-Augmentation (paper §3 / spec §1.6), at training size S with a mask at S/f (f = the VAE's pixels per latent
-cell, 8 for SD; measured from the VAE by the trainer, never assumed):
-* with p = 0.66 draw r ~ U{S//3 .. S}, else r ~ U{floor(1.2 S) .. floor(1.4 S) - 1};
-* r < S: the image, resized to r x r, is pasted at a random place of a zero (mid-grey) S x S canvas; the mask
-  is 1 on the pasted square shrunk by one latent cell per side; if r < 0.6 S the prompt gets
-  "a far away " / "very small " in front;
-* r > S: a random S x S crop of the r x r image, mask all ones, prompt prefixed "zoomed in " / "close up ";
-* r = S (always with --noaug): the image as is, mask all ones, prompt unchanged (the LDM rule; the diffusers
-  port would shrink the mask here too, though nothing was pasted).
-All randomness comes from the global generators, which the Trainer seeds per item (exact resume).
+Augmentation (paper §3 / spec §1.6), as the original repository's data pipelines (diffusers and LDM) draw it, at
+training size S with a mask at S/f (f = the VAE's pixels per latent cell, 8 for SD; measured from the VAE by
+the trainer, never assumed), in the original's random-number order:
+* flip: torchvision's RandomHorizontalFlip(0.5 * hflip), one torch.rand(1) drawn even with flips off;
+* with probability 2/3 (`np.random.randint(0, 3) < 2`) draw r ~ U{S//3 .. S}, else r ~ U{floor(1.2 S) ..
+  floor(1.4 S) - 1}; an odd r is rounded up to even;
+* r < 0.6 S: prompt prefixed "a far away " / "very small ", then the image, resized to r x r, is pasted at a
+  random place of a zero (mid-grey) S x S canvas; the mask is 1 on the pasted square shrunk by one latent
+  cell per side;
+* r > S: prompt prefixed "zoomed in " / "close up ", then a random S x S crop of the r x r image, mask ones;
+* 0.6 S <= r <= S (always with --noaug): the image resized to S x S, mask all ones, prompt unchanged.
+Class images go through the original's torchvision chain (flip, bilinear resize of the short side, centre or
+random crop). All randomness comes from the global generators, which the Trainer seeds per item (exact resume).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.data import image_to_tensor, list_images, load_rgb
+from common.data import list_images, load_rgb
 from common.errors import UsageError
 
 DEFAULT_LATENT_FACTOR = 8  # SD/SDXL VAEs; the trainer passes the factor of the VAE it loaded
@@ -67,20 +70,23 @@ def load_concepts_list(path: str | Path, with_prior_preservation: bool) -> list[
 
 
 def draw_scale(size: int) -> int:
-    """The augmentation's random resize r (see module docstring)."""
-    if np.random.uniform() < 0.66:
-        return int(np.random.randint(size // 3, size + 1))
-    return int(np.random.randint(int(1.2 * size), int(1.4 * size)))
+    """The augmentation's random resize r (see module docstring): numpy's global RNG, two draws, even r."""
+    if np.random.randint(0, 3) < 2:
+        scale = int(np.random.randint(size // 3, size + 1))
+    else:
+        scale = int(np.random.randint(int(1.2 * size), int(1.4 * size)))
+    return scale + 1 if scale % 2 == 1 else scale
 
 
 def place(pixels: torch.Tensor, size: int, scale: int, factor: int = DEFAULT_LATENT_FACTOR
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixels [3, scale, scale] in [-1, 1] -> (canvas [3, S, S], mask [1, S/f, S/f]) as in the module docstring."""
+    """pixels [3, scale, scale] in [-1, 1] -> (canvas [3, S, S], mask [1, S/f, S/f]): pasted (scale < S) or
+    cropped (scale > S) at a random place, as in the module docstring (the caller decides which r paste)."""
     f = factor
     mask = torch.zeros(1, size // f, size // f)
     if scale == size:
         return pixels, mask + 1
-    if scale > size:
+    if scale > size:  # the original draws the crop centre; top = centre - S//2 is the same number
         top, left = (int(np.random.randint(0, scale - size + 1)) for _ in range(2))
         return pixels[:, top: top + size, left: left + size], mask + 1
     top, left = (int(np.random.randint(0, size - scale + 1)) for _ in range(2))
@@ -90,20 +96,41 @@ def place(pixels: torch.Tensor, size: int, scale: int, factor: int = DEFAULT_LAT
     return canvas, mask
 
 
+def _to_pixels(image: Image.Image, scale: int) -> torch.Tensor:
+    """Bilinear resize to scale x scale, then [0, 255] -> [-1, 1] computed in float64 and cast to float32, as
+    the original's `preprocess` does (a float32 division can differ in the last bit). -> [3, scale, scale]"""
+    resized = np.asarray(image.resize((scale, scale), resample=Image.BILINEAR), dtype=np.uint8)
+    return torch.from_numpy((resized / 127.5 - 1.0).astype(np.float32)).permute(2, 0, 1)
+
+
 def augment(image: Image.Image, prompt: str, size: int, *, aug: bool = True, hflip: bool = False,
             factor: int = DEFAULT_LATENT_FACTOR) -> tuple[torch.Tensor, torch.Tensor, str]:
     """One training view of an instance image: (pixels [3, S, S] in [-1, 1], mask [1, S/f, S/f], prompt)."""
-    if hflip and random.random() < 0.5:
+    if torch.rand(1) < 0.5 * hflip:  # torchvision RandomHorizontalFlip(0.5 * hflip): drawn even when off
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     scale = draw_scale(size) if aug else size
-    resized = image.resize((scale, scale), resample=Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    pixels, mask = place(pixels, size, scale, factor)
     if scale < 0.6 * size:
         prompt = str(np.random.choice(["a far away ", "very small "])) + prompt
     elif scale > size:
         prompt = str(np.random.choice(["zoomed in ", "close up "])) + prompt
+    else:
+        scale = size  # the original keeps the whole image for 0.6 S <= r <= S
+    pixels, mask = place(_to_pixels(image, scale), size, scale, factor)
     return pixels, mask, prompt
+
+
+def class_transform(size: int, *, center_crop: bool = False, hflip: bool = False):
+    """The original's class-image chain: PIL -> [3, S, S] in [-1, 1] (flip p = 0.5 * hflip, drawn even when off;
+    bilinear resize of the short side to S; centre or random S x S crop)."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomHorizontalFlip(0.5 * hflip),
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
 
 
 def read_real_prior(class_dir: str | Path) -> tuple[list[Path], list[str]]:
@@ -130,7 +157,7 @@ class CustomDiffusionDataset(Dataset):
     """
 
     def __init__(self, concepts: list[Concept], size: int = 512, *, with_prior_preservation: bool = False,
-                 real_prior: bool = False, num_class_images: int = 200, center_crop: bool = False,
+                 real_prior: bool = False, num_class_images: int = 100, center_crop: bool = False,
                  hflip: bool = False, aug: bool = True, latent_factor: int = DEFAULT_LATENT_FACTOR):
         if latent_factor < 1 or size % latent_factor:
             raise UsageError(f"--resolution {size} is not a multiple of the VAE's latent factor {latent_factor}")
@@ -150,6 +177,7 @@ class CustomDiffusionDataset(Dataset):
                     pairs = [(p, c.class_prompt) for p in list_images(c.class_data_dir)]
                 self.classes += pairs[:num_class_images]
         self.with_prior = with_prior_preservation
+        self.class_transform = class_transform(size, center_crop=center_crop, hflip=hflip)
         if with_prior_preservation and not self.classes:
             raise UsageError("no class images found: generate them (drop --real_prior) or fill --class_data_dir")
 
@@ -163,8 +191,7 @@ class CustomDiffusionDataset(Dataset):
         item = {"instance_pixels": pixels, "instance_mask": mask, "instance_prompt": prompt}
         if self.with_prior:
             cpath, cprompt = self.classes[index % len(self.classes)]
-            item["class_pixels"] = image_to_tensor(load_rgb(cpath), self.size, center_crop=self.center_crop,
-                                                   hflip=self.hflip)
+            item["class_pixels"] = self.class_transform(load_rgb(cpath))
             item["class_prompt"] = cprompt
         return item
 

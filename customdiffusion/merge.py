@@ -90,14 +90,15 @@ def merge_weight(w0: torch.Tensor, c_reg: torch.Tensor, c_p: torch.Tensor, v_p: 
 
 
 def read_captions(path: str | Path, limit: int = NUM_REG_CAPTIONS) -> list[str]:
-    """The first `limit` non-empty lines of a caption file."""
+    """The first `limit` lines of a caption file, stripped, blank ones included (the original's
+    `[x.strip() for x in f.readlines()][:200]`: a blank line adds its end-of-text row to C_reg)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"regularization caption file not found: {path}; pass --regularization_prompt")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()][:limit]
+    if not any(lines):
         raise UsageError(f"{path} holds no captions")
-    return lines[:limit]
+    return lines
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ customdiffusion.attention, plus the new modifier-token rows), the masked loss of
 precision and multi-GPU come from common.train; flags follow diffusers' train_custom_diffusion.py.
 
 Choices that differ from the upstream script (and why):
-* the token-embedding matrix trains in its own param group without weight decay, so rows other than the
-  modifier rows stay bit-identical (upstream zeroes their gradients but AdamW's decay still shrinks them);
+* the token-embedding matrix trains in its own param group whose AdamW weight decay is applied to the
+  modifier rows only (by `after_backward`, with AdamW's factor 1 - lr * wd, before its update, as AdamW
+  orders them), so those rows follow the upstream update exactly and the other rows stay bit-identical
+  (upstream zeroes their gradients but AdamW's decay still shrinks them);
 * the instance loss is the mean over unmasked latent cells *and channels* (spec §1.5), the scale of the prior
   term, so `--prior_loss_weight 1` is the paper's 1:1 balance; diffusers' example divides by the one-channel
   mask count (4x ours, its prior weighs 4x less): `--loss_normalization diffusers` reproduces it;
@@ -67,15 +69,21 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--real_prior", action="store_true",
                       help="class images are real ones listed in class_data_dir/images.txt with caption.txt")
     data.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss")
-    data.add_argument("--num_class_images", type=int, default=200,
+    data.add_argument("--num_class_images", type=int, default=100,
                       help="class images per concept; missing ones are generated with the base model")
     data.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     data.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
-                      help="dtype for generating class images (default: the training precision)")
-    data.add_argument("--resolution", type=int, default=512, help="training image size")
+                      help="dtype for generating class images (default: fp16 on a GPU, else fp32, as the original)")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="training image size (default: the model's native size, 512 for SD-1.x, 1024 for SDXL, "
+                           "the defaults of the original SD and SDXL scripts)")
     data.add_argument("--center_crop", action="store_true", help="center-crop class images (else random crop)")
     data.add_argument("--hflip", action="store_true", help="random horizontal flips")
     data.add_argument("--noaug", action="store_true", help="turn off the resize augmentation")
+    data.add_argument("--crops_coords_top_left_h", type=int, default=0,
+                      help="SDXL: crop top coordinate put in the UNet's time ids (the original SDXL script's flag)")
+    data.add_argument("--crops_coords_top_left_w", type=int, default=0,
+                      help="SDXL: crop left coordinate put in the UNet's time ids")
     method = parser.add_argument_group("custom diffusion")
     method.add_argument("--freeze_model", default="crossattn_kv", choices=["crossattn_kv", "crossattn"],
                         help="crossattn_kv: train K/V of cross-attention; crossattn: also Q and out")
@@ -88,7 +96,7 @@ def build_parser() -> ArgumentParser:
                         help="instance loss: paper = mean over kept latent cells and channels (1:1 with the prior "
                              "loss); diffusers = diffusers' example, 4x larger (its prior weighs 4x less)")
     method.add_argument("--validation_prompt", default=None, help="prompt sampled every --validation_steps")
-    method.add_argument("--num_validation_images", type=int, default=2, help="images per validation")
+    method.add_argument("--num_validation_images", type=int, default=4, help="images per validation")
     method.add_argument("--no_safe_serialization", action="store_true", help="write .bin instead of .safetensors")
     method.add_argument("--save_format", default="diffusers", choices=["diffusers", "delta", "ldm"],
                         help="diffusers: pytorch_custom_diffusion_weights + <newN> files (upstream); delta: the "
@@ -121,10 +129,38 @@ def check_args(args: argparse.Namespace, concepts: list[Concept]) -> None:
     for c in concepts:
         if tokens and not any(t in c.instance_prompt for t in tokens):
             raise UsageError(f"instance prompt {c.instance_prompt!r} uses none of the modifier tokens {tokens}")
-    if args.resolution < 1:
+    if args.resolution is not None and args.resolution < 1:
         raise UsageError(f"--resolution must be positive, got {args.resolution}")
     for c in concepts:  # a bad instance image is reported before any model loads, not minutes into training
         check_images(list_images(c.instance_data_dir))
+
+
+VALIDATION_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}  # StableDiffusion(XL)Pipeline defaults the original ran with
+
+
+def validation_scheduler(scheduler):
+    """DPMSolverMultistepScheduler from `scheduler`'s config; a learned variance becomes fixed_small (the
+    original SDXL script's rule: the model was trained on the simplified objective)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    extra = {}
+    if "variance_type" in scheduler.config:
+        kind = scheduler.config.variance_type
+        extra["variance_type"] = "fixed_small" if kind in ("learned", "learned_range") else kind
+    return DPMSolverMultistepScheduler.from_config(scheduler.config, **extra)
+
+
+def native_resolution(pipe) -> int:
+    """The UNet's native image size (sample_size x VAE factor): 512 for SD-1.x, 1024 for SDXL."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def prior_generation_dtype(precision: str | None, device) -> torch.dtype:
+    """dtype of the class-image generation: the flag's, else fp16 on a GPU and fp32 elsewhere (the original's
+    default, whatever the training precision); "no" means fp32."""
+    if precision is None:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def prior_lr_factor(args: argparse.Namespace) -> float:
@@ -170,6 +206,8 @@ class CustomDiffusionMethod(TrainingMethod):
             raise UsageError(f"Custom Diffusion trains SD-1.x/2.x and SDXL UNets, not a {self.family} pipeline")
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        if args.resolution is None:
+            args.resolution = native_resolution(pipe)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         for _, enc in text_pairs(pipe):
             enc.requires_grad_(False)
@@ -215,8 +253,7 @@ class CustomDiffusionMethod(TrainingMethod):
             return
         missing = [c for c in self.concepts if count_images(c.class_data_dir) < args.num_class_images]
         if accelerator.is_main_process and missing:
-            precision = args.prior_generation_precision or accelerator.mixed_precision
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            dtype = prior_generation_dtype(args.prior_generation_precision, self.device)
             gen_pipe = self.pipe
             if dtype != torch.float32:
                 gen_pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
@@ -245,6 +282,26 @@ class CustomDiffusionMethod(TrainingMethod):
             groups.append({"params": embeds, "lr": lr, "weight_decay": 0.0})
         return groups
 
+    def make_optimizer(self, params, args: argparse.Namespace, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        """common.train's AdamW, kept so that `after_backward` can read the embedding group's current lr."""
+        from common.train.optim import make_optimizer
+
+        self.optimizer = make_optimizer(params, args, lr_factor)
+        return self.optimizer
+
+    def after_backward(self) -> None:
+        """AdamW's decoupled weight decay on the modifier rows (their group has weight_decay 0 so that the
+        other rows stay untouched): p <- p * (1 - lr * wd), just before the optimizer step, as AdamW does.
+        (Under fp16 loss scaling a skipped step still decays these rows once.)"""
+        optimizer = getattr(self, "optimizer", None)
+        if not self.tokens or optimizer is None or not self.accelerator.sync_gradients:
+            return
+        group = optimizer.param_groups[1]
+        factor = 1 - group["lr"] * self.args.adam_weight_decay
+        with torch.no_grad():
+            for weight, ids in zip(group["params"], self.token_ids):
+                weight[ids] = weight[ids].mul(factor)
+
     def loss(self, batch: dict[str, Any], accelerator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pixels = batch["pixel_values"].to(self.device, dtype=self.pipe.vae.dtype)
         with torch.no_grad():
@@ -254,8 +311,9 @@ class CustomDiffusionMethod(TrainingMethod):
         embeds, pooled = encode_tokens(encoders, tokenize(self.pipe, batch["prompts"]), self.family)
         added = None
         if self.family == "sdxl":
-            s = self.args.resolution  # no crop: original size = target size = the training resolution
-            time_ids = sdxl_add_time_ids((s, s), (0, 0), (s, s), batch=len(pixels), dtype=embeds.dtype,
+            s = self.args.resolution  # original size = target size = the training resolution, as upstream
+            crop = (self.args.crops_coords_top_left_h, self.args.crops_coords_top_left_w)
+            time_ids = sdxl_add_time_ids((s, s), crop, (s, s), batch=len(pixels), dtype=embeds.dtype,
                                          device=self.device)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         dtype = self.pipe.unet.dtype
@@ -292,14 +350,22 @@ class CustomDiffusionMethod(TrainingMethod):
         write_concept_manifest(self.pipe, directory, weights, self.args.save_format, safe)
 
     def validate(self, step: int) -> list:
+        """The original's validation: DPM-Solver++ (multistep) on the model's scheduler config, 25 steps, the
+        pipeline's default guidance (7.5 SD / 5.0 SDXL), one image per call from one generator seeded --seed."""
         if not self.args.validation_prompt:
             return []
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        with self.accelerator.autocast():  # fp16/bf16 UNet with fp32 trained weights and text features
-            return generate(self.pipe, [self.args.validation_prompt] * self.args.num_validation_images,
-                            num_inference_steps=25, guidance_scale=6.0, eta=1.0, generator=generator,
-                            height=self.args.resolution, width=self.args.resolution, output_type="pil",
-                            progress=False)
+        scheduler = self.pipe.scheduler
+        self.pipe.scheduler = validation_scheduler(scheduler)
+        try:
+            with self.accelerator.autocast():  # fp16/bf16 UNet with fp32 trained weights and text features
+                return [generate(self.pipe, [self.args.validation_prompt], num_inference_steps=25,
+                                 guidance_scale=VALIDATION_GUIDANCE[self.family], generator=generator,
+                                 height=self.args.resolution, width=self.args.resolution, output_type="pil",
+                                 progress=False)[0]
+                        for _ in range(self.args.num_validation_images)]
+        finally:
+            self.pipe.scheduler = scheduler
 
 
 def main(argv: Sequence[str] | None = None) -> Trainer:

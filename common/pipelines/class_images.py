@@ -30,7 +30,8 @@ def ensure_class_images(pipe, prompt: str, folder: str | Path, num_images: int, 
                         show_progress: bool = True) -> list[Path]:
     """Generate the missing `num_images - existing` images of `prompt` into `folder`; returns the new paths.
 
-    Defaults are the Custom Diffusion paper's generated prior: DDIM 50 steps, eta 1, guidance 6.
+    Defaults are the Custom Diffusion paper's generated prior: 50 steps of the pipeline's own scheduler (PNDM
+    for SD-1.4, as the original; eta applies only to DDIM-like schedulers), eta 1, guidance 6.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,21 @@ def test_compress_never_replaces_its_input_or_an_existing_output(tiny, concept, 
     assert snapshot(tmp_path) == before
     out = main([*base, str(tmp_path / "delta.safetensors"), "--overwrite", "--compression_ratio", "1.0"])
     assert out == tmp_path / "compressed_delta.safetensors" and F.load(out).compressed
+
+
+def test_kept_rank_matches_the_original_loop():
+    """src/compress.py: `for i, t in enumerate(s): explain += t / all_; if explain > ratio: break`, keeps i."""
+    def original(s, ratio):
+        explain, all_ = 0, s.sum()
+        for i, t in enumerate(s):
+            explain += t / all_
+            if explain > ratio:
+                break
+        return i
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        s = torch.rand(int(torch.randint(1, 40, (), generator=g)), generator=g, dtype=torch.float64) ** 3
+        s = s.sort(descending=True).values
+        for ratio in (0.2, 0.6, 0.95):
+            assert kept_rank(s, ratio) == original(s, ratio)

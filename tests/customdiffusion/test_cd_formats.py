@@ -206,3 +206,27 @@ def test_nan_concept_is_refused_on_load(tiny, concept, tmp_path):
     F.save(w, tmp_path / "delta.safetensors")
     with pytest.raises(UsageError, match=r"NaN/inf values in 1 tensor\(s\) \(e\.g\. " + first.replace(".", r"\.")):
         F.load(tmp_path / "delta.safetensors")
+
+
+def test_ldm_names_match_the_original_convert_mapping():
+    """SD-1.x's attention prefixes vs the original convert.py's hand-written rule (i // 3, j from i)."""
+    from customdiffusion.ldm_keys import attention_prefixes
+
+    sd14 = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2,
+            "mid_block_type": "UNetMidBlock2DCrossAttn"}
+
+    def original(key):  # src/convert.py, compvis -> diffusers
+        d = key.replace("model.diffusion_model.", "")
+        if "input_blocks" in key:
+            i, j = [int(x) for x in key.split(".")[3:5]]
+            d = d.replace(f"input_blocks.{i}.{j}", f"down_blocks.{max(0, i // 3)}.attentions.{0 if i in [1, 4, 7] else 1}")
+        if "output_blocks" in key:
+            i, j = [int(x) for x in key.split(".")[3:5]]
+            d = d.replace(f"output_blocks.{i}.{j}", f"up_blocks.{max(0, i // 3)}.attentions.{i % 3}")
+        return d.replace("middle_block.1", "mid_block.attentions.0")
+
+    ldm = [f"model.diffusion_model.input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)]
+    ldm += [f"model.diffusion_model.output_blocks.{i}.1" for i in range(3, 12)] + ["model.diffusion_model.middle_block.1"]
+    table = attention_prefixes(sd14)
+    assert {v: k for k, v in table.items()} == {k: original(k) for k in ldm}

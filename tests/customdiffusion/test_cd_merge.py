@@ -169,3 +169,48 @@ def test_regularization_captions_flag_reads_the_original_caption_file(tiny, conc
           "--ckpt", str(tmp_path / "base"), "--save_path", str(tmp_path / "opt"), "--device", "cpu",
           "--regularization_captions", str(captions)])
     assert seen == [[f"caption {i} of a small red house by a lake" for i in range(200)]]
+
+
+def _original_gdupdate_w_exact(K, V, Ktarget1, Vtarget1, W):
+    """The original's gdupdateWexact (src/diffusers_composenW.py), transcribed (LU solve per target row)."""
+    C = K.T @ K
+    lu, piv = torch.linalg.lu_factor(C)
+    d = torch.cat([torch.linalg.lu_solve(lu, piv, Ktarget1[i].reshape(-1, 1)) for i in range(Ktarget1.size(0))], 1).T
+    e2 = d @ Ktarget1.T
+    e1 = Vtarget1.T - W @ Ktarget1.T
+    delta = e1 @ torch.linalg.inv(e2)
+    return W + delta @ d
+
+
+def test_merge_weight_matches_the_original_update():
+    w0, c_reg, c_p, v_p = _problem(seed=3)
+    c_p_dup, v_p_dup = torch.cat([c_p, c_p[:2]]), torch.cat([v_p, v_p[:2]])  # the original drops repeats too
+    ours = merge_weight(w0, c_reg, c_p_dup, v_p_dup)
+    ref = _original_gdupdate_w_exact(c_reg, (w0 @ c_reg.T).T, c_p, v_p, w0.clone())
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-10)
+
+
+def test_token_features_match_the_original_unpadded_encoding(tiny):
+    """The original encodes each prompt unpadded and keeps rows 1: (4: after 'photo of a')."""
+    pipe = tiny()
+    prompts = ["a red house", "photo of a cat", "", "painting in the style of a dog"]
+    ref = []
+    with torch.no_grad():
+        for text in prompts:
+            ids = pipe.tokenizer(text, truncation=True, max_length=pipe.tokenizer.model_max_length,
+                                 padding="do_not_pad").input_ids
+            feat = pipe.text_encoder(torch.tensor(ids).reshape(1, -1))[0]
+            ref.append(feat[:, 4:] if "photo of a" in text[:15] else feat[:, 1:])
+    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in ref]).float()
+    got = token_features(pipe, prompts)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_read_captions_keeps_blank_lines_like_the_original(tmp_path):
+    from customdiffusion.merge import read_captions
+
+    path = tmp_path / "caps.txt"
+    path.write_text("  a house \n\nlake at dusk\n" + "".join(f"c{i}\n" for i in range(300)))
+    with open(path) as f:
+        want = [x.strip() for x in f.readlines()][:200]
+    assert read_captions(path) == want and want[1] == ""

@@ -75,24 +75,95 @@ def test_zoom_in_crops_with_full_mask_and_prefix(monkeypatch):
     assert prompt in ("zoomed in a toy", "close up a toy")
 
 
-def test_mid_scale_pastes_without_prefix_and_noaug_keeps_everything():
-    torch.manual_seed(0)
-    np.random.seed(0)
-    canvas, mask = cd_data.place(torch.ones(3, 48, 48), S, 48)
-    assert 0.6 * S <= 48 < S and mask.sum() < mask.numel() and canvas.eq(0).any()
+def test_mid_scale_keeps_whole_image_and_noaug_keeps_everything(monkeypatch):
     img = Image.new("RGB", (S, S), (255, 0, 0))
-    pixels, mask, prompt = cd_data.augment(img, "a toy", S, aug=False)
-    assert prompt == "a toy" and torch.equal(mask, torch.ones(1, S // 8, S // 8))
-    assert torch.allclose(pixels[0], torch.ones(S, S)) and torch.allclose(pixels[1], -torch.ones(S, S))
+    for aug, r in ((False, S), (True, 40)):  # 0.6 S <= 40 <= S: the original resizes the whole image to S
+        _fixed_scale(monkeypatch, r)
+        pixels, mask, prompt = cd_data.augment(img, "a toy", S, aug=aug)
+        assert prompt == "a toy" and torch.equal(mask, torch.ones(1, S // 8, S // 8))
+        assert torch.allclose(pixels[0], torch.ones(S, S)) and torch.allclose(pixels[1], -torch.ones(S, S))
 
 
 def test_scale_distribution():
     np.random.seed(0)
     r = np.array([cd_data.draw_scale(512) for _ in range(10_000)])
-    assert abs((r <= 512).mean() - 0.66) < 0.02
+    assert abs((r <= 512).mean() - 2 / 3) < 0.015 and np.all(r % 2 == 0)
     low, high = r[r <= 512], r[r > 512]
     assert low.min() >= 512 // 3 and low.max() <= 512
-    assert high.min() >= int(1.2 * 512) and high.max() < int(1.4 * 512)
+    assert high.min() >= int(1.2 * 512) and high.max() <= int(1.4 * 512)
+
+
+def _original_getitem(instance, instance_prompt, class_image, size, hflip, center_crop):
+    """The original's CustomDiffusionDataset.__getitem__ (src/diffusers_data_pipeline.py), transcribed: same
+    draws, same order, same arithmetic (rows = cx, columns = cy)."""
+    from torchvision import transforms
+
+    def preprocess(image, scale):
+        return (np.array(image.resize((scale, scale), resample=Image.BILINEAR)).astype(np.uint8) / 127.5
+                - 1.0).astype(np.float32)
+
+    flip = transforms.RandomHorizontalFlip(0.5 * hflip)
+    image_transforms = transforms.Compose([
+        flip, transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size),
+        transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    instance = flip(instance)
+    if np.random.randint(0, 3) < 2:
+        random_scale = np.random.randint(size // 3, size + 1)
+    else:
+        random_scale = np.random.randint(int(1.2 * size), int(1.4 * size))
+    if random_scale % 2 == 1:
+        random_scale += 1
+    h = random_scale // 2
+    if random_scale < 0.6 * size:
+        instance_prompt = np.random.choice(["a far away ", "very small "]) + instance_prompt
+        cx = np.random.randint(h, size - h + 1)
+        cy = np.random.randint(h, size - h + 1)
+        image1 = preprocess(instance, random_scale)
+        image = np.zeros((size, size, 3), dtype=np.float32)
+        image[cx - h: cx + h, cy - h: cy + h, :] = image1
+        mask = np.zeros((size // 8, size // 8))
+        mask[(cx - h) // 8 + 1: (cx + h) // 8 - 1, (cy - h) // 8 + 1: (cy + h) // 8 - 1] = 1.
+    elif random_scale > size:
+        instance_prompt = np.random.choice(["zoomed in ", "close up "]) + instance_prompt
+        cx = np.random.randint(size // 2, random_scale - size // 2 + 1)
+        cy = np.random.randint(size // 2, random_scale - size // 2 + 1)
+        image = preprocess(instance, random_scale)
+        image = image[cx - size // 2: cx + size // 2, cy - size // 2: cy + size // 2, :]
+        mask = np.ones((size // 8, size // 8))
+    else:
+        image = preprocess(instance, size)
+        mask = np.ones((size // 8, size // 8))
+    return (torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask).float()[None], instance_prompt,
+            image_transforms(class_image))
+
+
+@pytest.mark.parametrize("hflip,center_crop", [(False, False), (True, True), (True, False)])
+def test_augmentation_matches_the_original_draw_for_draw(tmp_path, hflip, center_crop):
+    """Exact pixels, masks, prompts and class crops vs the transcribed original, and the same RNG state after."""
+    rng = np.random.default_rng(0)
+    inst = Image.fromarray(rng.integers(0, 256, (53, 47, 3), dtype=np.uint8))
+    cls = Image.fromarray(rng.integers(0, 256, (61, 90, 3), dtype=np.uint8))
+    (tmp_path / "i").mkdir()
+    cls.save(tmp_path / "c.png")
+    inst.save(tmp_path / "i" / "i.png")
+    ds = cd_data.CustomDiffusionDataset([cd_data.Concept("a <new1> toy", str(tmp_path / "i"), "toy", str(tmp_path))],
+                                        S, with_prior_preservation=True, center_crop=center_crop, hflip=hflip)
+    ds.classes = [(tmp_path / "c.png", "toy")]
+    seen = set()
+    for seed in range(40):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        ref = _original_getitem(inst, "a <new1> toy", cls, S, hflip, center_crop)
+        state = (np.random.get_state()[1].copy(), torch.get_rng_state())
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        item = ds[0]
+        assert torch.equal(item["instance_pixels"], ref[0]) and torch.equal(item["instance_mask"], ref[1])
+        assert item["instance_prompt"] == ref[2] and torch.equal(item["class_pixels"], ref[3])
+        assert np.array_equal(np.random.get_state()[1], state[0]) and torch.equal(torch.get_rng_state(), state[1])
+        seen.add(ref[2].split(" a ")[0])
+    assert len(seen) >= 3  # small, large and middle scales all exercised
 
 
 # ---------------------------------------------------------------------------------------------- training runs
@@ -477,3 +548,114 @@ def test_bad_instance_image_is_reported_before_the_model_loads(demo, tmp_path, m
         assert bad in str(err.value) and "\n" not in str(err.value)
         shutil.move(moved, folder / other)
         assert not (tmp_path / "out").exists()  # nothing written
+
+
+# ------------------------------------------------------------------------------------ parity with the original
+
+# src/diffusers_training.py's parse_args defaults (the flags both scripts share).
+ORIGINAL_DEFAULTS = {
+    "num_validation_images": 4, "prior_loss_weight": 1.0, "num_class_images": 100, "seed": 42,
+    "resolution": None,  # resolved to the model's native size: 512 (SD script's default) / 1024 (SDXL script's)
+    "center_crop": False, "train_batch_size": 4, "sample_batch_size": 4, "num_train_epochs": 1,
+    "max_train_steps": None, "gradient_accumulation_steps": 1, "learning_rate": 1e-5, "scale_lr": False,
+    "freeze_model": "crossattn_kv", "lr_scheduler": "constant", "lr_warmup_steps": 500, "adam_beta1": 0.9,
+    "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
+    "mixed_precision": None, "prior_generation_precision": None, "modifier_token": None,
+    "initializer_token": "ktn+pll+ucd", "hflip": False, "with_prior_preservation": False, "real_prior": False,
+    "output_dir": "custom-diffusion-model", "report_to": "tensorboard", "logging_dir": "logs",
+    "crops_coords_top_left_h": 0, "crops_coords_top_left_w": 0,  # src/diffusers_training_sdxl.py
+}
+
+
+def test_flag_defaults_match_the_original():
+    from customdiffusion.train import build_parser
+
+    args = vars(build_parser().parse_args([]))
+    assert {k: args[k] for k in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+
+
+def test_validation_is_the_originals_dpm_solver_run(tiny, monkeypatch):
+    """DPM-Solver multistep on the model's config, 25 steps, guidance 7.5, one image per call, one generator;
+    the training scheduler is put back afterwards."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import customdiffusion.train as T
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny()
+    before = pipe.scheduler
+    calls = []
+
+    def fake_generate(p, prompts, **kw):
+        calls.append((type(p.scheduler), prompts, kw))
+        return [f"img{len(calls)}"]
+
+    monkeypatch.setattr(T, "generate", fake_generate)
+    args = SimpleNamespace(validation_prompt="a <new1> toy", num_validation_images=3, seed=5, resolution=S)
+    fake = SimpleNamespace(args=args, pipe=pipe, family="sd", device="cpu",
+                           accelerator=SimpleNamespace(autocast=contextlib.nullcontext))
+    assert T.CustomDiffusionMethod.validate(fake, 0) == ["img1", "img2", "img3"]
+    assert pipe.scheduler is before and len(calls) == 3
+    gens = {id(kw["generator"]) for _, _, kw in calls}
+    for cls, prompts, kw in calls:
+        assert cls is DPMSolverMultistepScheduler and prompts == ["a <new1> toy"]
+        assert kw["num_inference_steps"] == 25 and kw["guidance_scale"] == 7.5 and "eta" not in kw
+    assert len(gens) == 1
+
+
+def test_prior_generation_dtype_defaults_to_fp16_on_gpu_like_the_original():
+    from customdiffusion.train import prior_generation_dtype
+
+    assert prior_generation_dtype(None, "cuda") == torch.float16
+    assert prior_generation_dtype(None, torch.device("cpu")) == torch.float32
+    assert prior_generation_dtype("fp32", "cuda") == torch.float32 and prior_generation_dtype("no", "cuda") == torch.float32
+    assert prior_generation_dtype("bf16", "cpu") == torch.bfloat16 and prior_generation_dtype("fp16", "cpu") == torch.float16
+
+
+def test_modifier_rows_follow_the_originals_adamw_update_exactly():
+    """Original: one AdamW (weight decay on) over the whole token table, gradients of other rows zeroed. Ours:
+    modifier rows bit-identical to that, every other row untouched."""
+    from types import SimpleNamespace
+
+    from customdiffusion.train import CustomDiffusionMethod
+
+    g = torch.Generator().manual_seed(0)
+    table0, kv0 = torch.randn(20, 6, generator=g), torch.randn(4, 6, generator=g)
+    ids = [17, 19]
+    args = SimpleNamespace(learning_rate=3e-2, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.05,
+                           adam_epsilon=1e-8, use_8bit_adam=False)
+    ref_table, ref_kv = table0.clone().requires_grad_(), kv0.clone().requires_grad_()
+    ref_opt = torch.optim.AdamW([ref_kv, ref_table], lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=0.05,
+                                eps=1e-8)
+    table, kv = table0.clone().requires_grad_(), kv0.clone().requires_grad_()
+    method = SimpleNamespace(tokens=["<new1>", "<new2>"], token_ids=[ids], args=args,
+                             accelerator=SimpleNamespace(sync_gradients=True))
+    opt = CustomDiffusionMethod.make_optimizer(method, [{"params": [kv], "lr": args.learning_rate},
+                                                        {"params": [table], "lr": args.learning_rate,
+                                                         "weight_decay": 0.0}], args, 2.0)
+    for group in ref_opt.param_groups:
+        group["lr"] *= 2.0
+    keep = torch.zeros(20, 1)
+    keep[ids] = 1
+    for step in range(5):
+        grads = torch.randn(20, 6, generator=g), torch.randn(4, 6, generator=g)
+        ref_table.grad, ref_kv.grad = grads[0] * keep, grads[1].clone()
+        table.grad, kv.grad = grads[0] * keep, grads[1].clone()
+        CustomDiffusionMethod.after_backward(method)
+        ref_opt.step()
+        opt.step()
+    assert torch.equal(table[ids], ref_table[ids]) and torch.equal(kv, ref_kv)
+    others = [i for i in range(20) if i not in ids]
+    assert torch.equal(table[others], table0[others]) and not torch.equal(ref_table[others], table0[others])
+
+
+def test_default_resolution_is_the_models_native_size(tiny):
+    from customdiffusion.train import native_resolution
+
+    assert native_resolution(tiny("tiny-sd")) == tiny("tiny-sd").unet.config.sample_size * 8
+    sd14_like = type("P", (), {"unet": type("U", (), {"config": type("C", (), {"sample_size": 64})()})(),
+                               "vae_scale_factor": 8})()
+    sdxl_like = type("P", (), {"unet": type("U", (), {"config": type("C", (), {"sample_size": 128})()})(),
+                               "vae_scale_factor": 8})()
+    assert native_resolution(sd14_like) == 512 and native_resolution(sdxl_like) == 1024
