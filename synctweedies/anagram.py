@@ -85,6 +85,16 @@ class StackProjection(Projection):
         self.warm[key] = z.detach()
         return z.detach().to(xs.dtype)
 
+    def draw_warm_starts(self, channels: int, device="cpu", dtype: torch.dtype = torch.float32) -> None:
+        """warm_start "noise": draw the N(0, I) starts now, in the original's order (x_t, eps with IF's 2C
+        channels, x0|t) right after the initial noise; eps on C channels starts from the first C of its 2C."""
+        if self.warm_start != "noise":
+            return
+        for var_type, c in (("latent", channels), ("eps", 2 * channels), ("tweedie", channels)):
+            self.warm[(var_type, c)] = randn_tensor(self.canonical_shape(c), generator=self.generator,
+                                                    device=torch.device(device), dtype=dtype).float()
+        self.warm[("eps", channels)] = self.warm[("eps", 2 * channels)][:, :channels]
+
     def canonical_noise(self, channels: int, generator: torch.Generator | None = None, device="cpu",
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A stack whose mean is N(0, I): each member has variance K ("sqrt_k"); "one": unit members (original)."""

@@ -68,7 +68,8 @@ def ambiguous_parser() -> ArgumentParser:
                         "class label --stage2_noise_level (the original); canonical = the view of the upscaled "
                         "stage-I canonical image noised to --stage2_noise_level (one shared condition)")
     d.add_argument("--x0_thresholding", choices=("scheduler", "off"), default="scheduler",
-                   help="scheduler = threshold / clip x0|t as the IF scheduler config says; off = never (original)")
+                   help="scheduler = threshold / clip x0|t as the IF scheduler config says, in DDIM and DDPM steps; "
+                   "off = only in DDPM steps (the original)")
     d.add_argument("--inverse_warm_start", choices=("zero", "noise"), default="zero",
                    help="n-to-1: start of each first Adam inverse: zeros, or a N(0, I) stack (original)")
     d.add_argument("--inverse_lr_schedule", choices=("cosine", "constant"), default="cosine",
@@ -92,8 +93,8 @@ def wide_parser() -> ArgumentParser:
     g.add_argument("--model", default="sd", help="sd (= --sd_path) or a preset / hub id / folder, e.g. tiny-sd")
     g.add_argument("--sd_path", default="stabilityai/stable-diffusion-2-base", help="SD model")
     g.add_argument("--ref_attention_end", type=float, default=0.2, help="reference-view attention while "
-                   "t >= (1 - x) T")
-    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
+                   "t > (1 - x) T")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t > (1 - mvd_end) T")
     g.add_argument("--log_step", type=nonnegative_int, default=10, help="kept for compatibility")
     g.add_argument("--eval_w", type=int, nargs="+", default=list(range(0, 80, 10)), help="unused (original)")
     g.add_argument("--eval_h", type=int, nargs="+", default=[0] * 8, help="unused (original)")
@@ -124,8 +125,8 @@ def panorama_parser() -> ArgumentParser:
     g.add_argument("--conditioning_scale_end", type=float, default=0.9, help="ControlNet scale at the last step")
     g.add_argument("--control_guidance_start", type=float, default=0.0, help="ControlNet on from this fraction")
     g.add_argument("--control_guidance_end", type=float, default=0.99, help="ControlNet off after this fraction")
-    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
-    g.add_argument("--ref_attention_end", type=float, default=0.2, help="reference attention while t >= (1-x) T")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t > (1 - mvd_end) T")
+    g.add_argument("--ref_attention_end", type=float, default=0.2, help="reference attention while t > (1-x) T")
     g.add_argument("--log_interval", type=nonnegative_int, default=5, help="kept for compatibility")
     g.add_argument("--max_batch_size", type=positive_int, default=48, help="views per attention chunk")
     g.add_argument("--average_rgb", action="store_true", help="average decoded RGB views (case 2)")
@@ -202,9 +203,9 @@ def mesh_parser() -> ArgumentParser:
                    "degrees at elevation 0, appended to the defaults -180..135 step 45 (as the original)")
     g.add_argument("--top_cameras", action="store_false", help="on by default: two cameras at elevation 30, "
                    "azimuth 0 and 180; passing the flag turns them off")
-    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t > (1 - mvd_end) T")
     g.add_argument("--ref_attention_end", type=float, default=0.2, help="front/back reference-view attention "
-                   "while t >= (1 - x) T")
+                   "while t > (1 - x) T")
     g.add_argument("--shuffle_bg_change", type=float, default=0.4, help="random-colour backgrounds while "
                    "t >= (1 - x) T")
     g.add_argument("--shuffle_bg_end", type=float, default=0.8, help="then random black/white backgrounds while "
@@ -279,9 +280,9 @@ def gs_parser() -> ArgumentParser:
     g.add_argument("--latent_view_size", type=positive_int, default=64, help="latent view size (instances)")
     g.add_argument("--rgb_view_size", type=positive_int, default=None, help="RGB view size (default and only "
                    "valid value: latent view size x the VAE factor, 512 for SD)")
-    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t >= (1 - mvd_end) T")
+    g.add_argument("--mvd_end", type=float, default=0.8, help="synchronise while t > (1 - mvd_end) T")
     g.add_argument("--ref_attention_end", type=float, default=0.2, help="reference-view attention while "
-                   "t >= (1 - x) T")
+                   "t > (1 - x) T")
     g.add_argument("--max_batch_size", type=positive_int, default=50, help="views per attention chunk / VAE batch")
     g.add_argument("--iterations", type=nonnegative_int, default=1000, help="Adam steps of each colour fit (the inverse g)")
     g.add_argument("--final_iterations", type=nonnegative_int, default=4000, help="Adam steps of the final colour fit")

@@ -3,7 +3,7 @@
 The loop's state is always the instance batch X_t [N, C, h, w]; the hook synchronises eps, x0|t or x_{t-1}
 through the projection. Canonical cases (4-6) keep z_t inside the hook, step it with the same (x_t, x0|t)
 step functions (synctweedies.steps) and re-render X_{t-1} = f(z_{t-1}); the loop's own per-instance step is
-then overwritten. Steps with t < (1 - mvd_end) T run unsynchronised, as the original does.
+then overwritten. Steps with t <= (1 - mvd_end) T run unsynchronised, as the original does.
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ class SyncOptions:
     initialize_xt_from_zt: bool = False
     sampling_method: str = "ddim"
     eta: float = 0.0
-    threshold_x0: bool = True  # clip / threshold x0|t as the scheduler config says (False: never, as the original)
+    # step noise (DDPM, eta > 0) from this generator; None: the run's generator. The original's wide and ambiguous
+    # images draw it from the global RNG, which its main.py seeds with 2024 whatever --seed is
+    step_generator: torch.Generator | None = None
+    threshold_x0: bool = True  # clip / threshold x0|t as the scheduler config says (False: DDPM steps only, original)
 
 
 @dataclass
@@ -41,9 +44,15 @@ class SyncResult:
     synced_steps: list[int] = field(default_factory=list)
 
 
+ORIGINAL_STEP_SEED = 2024  # the original's main.py: seed_everything() seeds the global RNG its steps draw from
+#: mvd_end that syncs every step, t = 0 included (the original's ambiguous images have no mvd_end test)
+ALWAYS_SYNC = float("inf")
+
+
 def sync_active(t, mvd_end: float, num_train_timesteps: int) -> bool:
-    """Synchronise while t >= (1 - mvd_end) T: mvd_end=1 syncs every step, mvd_end=0 none."""
-    return float(t) >= (1.0 - mvd_end) * num_train_timesteps
+    """Synchronise while t > (1 - mvd_end) T, strictly, as the original: mvd_end=1 syncs every step with
+    t > 0, mvd_end=0 none, ALWAYS_SYNC every step."""
+    return float(t) > (1.0 - mvd_end) * num_train_timesteps
 
 
 class SyncHook(Hook):
@@ -87,6 +96,7 @@ class SyncHook(Hook):
             delta, var = self._canonical((x_t - a * state.x0) / s, variance, "eps")
             z0 = (self.z - s * delta) / a
         self._z_next = self.stepper.step_x0(self.z, z0, state.t, variance=var)
+        self.stepper.discard_next_step = True  # the loop's own step is overwritten: it must not draw noise
 
     def _canonical(self, q: torch.Tensor, variance: torch.Tensor | None, var_type: str):
         """g of a per-instance quantity; IF's variance channels ride along so views see all 2C channels."""
@@ -135,9 +145,10 @@ def sync_sample(denoiser: Callable, scheduler, projection: Projection, *, option
     (SDEdit); `denoiser(x, t, step)` maps the instance batch to model outputs (CFG inside).
     """
     case = get_case(options.case_num)
-    stepper = SyncStepper(scheduler, options.sampling_method, options.eta, generator, options.threshold_x0)
     channels = channels or (x_T.shape[1] if x_T is not None else z_T.shape[1])
     device = device or (x_T.device if x_T is not None else "cpu")
+    step_generator = generator if options.step_generator is None else options.step_generator
+    stepper = SyncStepper(scheduler, options.sampling_method, options.eta, step_generator, options.threshold_x0)
     dtype = dtype or (x_T.dtype if x_T is not None else torch.float32)
     if z_T is None:
         x_T, z_T = initial_state(projection, case, channels, initialize_xt_from_zt=options.initialize_xt_from_zt,

@@ -7,8 +7,8 @@ schedulers take a model output instead, so we keep the formulas here and wrap th
 which quacks like a scheduler for `common.pipelines.loop.sample`.
 
 Unlike the original `compute_prev_state`, DDIM with eta > 0 scales its noise by sigma_eta, and x0|t is
-clipped / thresholded where the wrapped scheduler's config asks for it (DeepFloyd IF's does); the original
-never thresholds (`threshold=False`, flag --x0_thresholding off).
+clipped / thresholded where the wrapped scheduler's config asks for it (DeepFloyd IF's does) in DDIM steps too;
+the original thresholds in DDPM steps only (`threshold=False`, flag --x0_thresholding off).
 """
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, abar_t: torch.Tensor, abar_pr
 
     Shapes: x_t, x0, noise [B, C, ...]; abar_* scalars. eps is implied by (x_t, x0), never taken from a model.
     """
+    # the original's compute_prev_state form (xt_coeff x_t + x0_coeff x0), so results match it bit for bit;
     # scalar coefficients stay in the scheduler's precision (float32), as in diffusers
-    eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
     var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-    std = eta * var.sqrt()
-    out = abar_prev.sqrt() * x0 + (1 - abar_prev - std ** 2).clamp(min=0).sqrt() * eps
+    std = eta * var ** 0.5
+    root = torch.sqrt((1 - abar_prev - std ** 2).clamp(min=0))
+    xt_coeff = root / torch.sqrt(1 - abar_t)
+    x0_coeff = torch.sqrt(abar_prev) - torch.sqrt(abar_t) / torch.sqrt(1 - abar_t) * root
+    out = xt_coeff * x_t + x0_coeff * x0
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step with eta > 0 needs noise")
@@ -107,6 +110,9 @@ class SyncStepper:
             raise ValueError(f"sampling method must be one of {METHODS}, got {method!r}")
         self.scheduler, self.method, self.eta, self.generator = scheduler, method, eta, generator
         self.threshold = threshold
+        # set by the canonical cases 4-5, whose per-instance step is thrown away: that step then draws no noise,
+        # so the generator's draws are the original's (z_t's noise only)
+        self.discard_next_step = False
         self.config = scheduler.config
         self.alphas_cumprod = scheduler.alphas_cumprod
         self.final_alpha_cumprod = getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0))
@@ -123,15 +129,8 @@ class SyncStepper:
         return sample
 
     def prev_timestep(self, t) -> int:
-        """DDIM: t - T/S (as diffusers' DDIM); DDPM: the next entry of the schedule (as diffusers' DDPM)."""
-        t = int(t)
-        if self.method == "ddim":
-            return t - self.num_train_timesteps // self.scheduler.num_inference_steps
-        ts = [int(s) for s in self.timesteps]
-        i = ts.index(t) if t in ts else None
-        if i is None or i == len(ts) - 1:
-            return t - self.num_train_timesteps // self.scheduler.num_inference_steps
-        return ts[i + 1]
+        """t - T/S for DDIM and DDPM alike, as the original's compute_prev_state (and diffusers' DDIM)."""
+        return int(t) - self.num_train_timesteps // self.scheduler.num_inference_steps
 
     def coefficients(self, t, like: torch.Tensor) -> StepCoefficients:
         prev = self.prev_timestep(t)
@@ -146,9 +145,9 @@ class SyncStepper:
         return StepCoefficients(abar_t, abar_prev, prev)
 
     def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
-        """Thresholding / clipping of x0|t exactly where the wrapped scheduler's config asks for it (never with
-        threshold=False, as the original)."""
-        if not self.threshold:
+        """Thresholding / clipping of x0|t where the wrapped scheduler's config asks for it. threshold=False is
+        the original's compute_prev_state: DDIM steps never threshold, DDPM steps still follow the config."""
+        if not self.threshold and self.method == "ddim":
             return x0
         if self.config.get("thresholding", False):
             return self.scheduler._threshold_sample(x0)
@@ -170,7 +169,14 @@ class SyncStepper:
         if int(t) <= 0:
             return ddpm_step(x_t, x0, c.abar_t, c.abar_prev)
         vtype = self.config.get("variance_type", "fixed_small")
-        std = ddpm_std(c.abar_t, c.abar_prev, vtype, variance)
+        # as the original: without predicted variance channels the std is always fixed_small_log (whatever the
+        # config says); "learned" takes the prediction ** 0.5, "learned_range" interpolates the log variance
+        if variance is None or vtype not in ("learned", "learned_range"):
+            std = ddpm_std(c.abar_t, c.abar_prev, "fixed_small_log")
+        elif vtype == "learned":
+            std = variance ** 0.5
+        else:
+            std = ddpm_std(c.abar_t, c.abar_prev, vtype, variance)
         if noise is None:
             noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return ddpm_step(x_t, x0, c.abar_t, c.abar_prev, std, noise)
@@ -181,5 +187,8 @@ class SyncStepper:
         """diffusers-style step: model output -> x0|t -> `step_x0`. Returns (prev_sample,)."""
         _, variance = split_variance(model_output, sample.shape[1])
         x0 = to_x0(self, model_output, sample, timestep, 0)
+        if self.discard_next_step:
+            self.discard_next_step = False
+            variance_noise = torch.zeros_like(sample)
         prev = self.step_x0(sample, x0, timestep, variance=variance, noise=variance_noise, generator=generator)
         return (prev,)

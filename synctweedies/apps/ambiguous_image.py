@@ -11,6 +11,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from common.errors import UsageError
@@ -20,10 +21,11 @@ from common.models.loading import load_pipeline, pipeline_family
 from common.pipelines.loop import Hook, StepState
 from common.pipelines.text2image import prepare, to_pil
 from synctweedies.anagram import StackProjection, ViewProjection
+from synctweedies.cases import get_case
 from synctweedies.outputs import make_save_dir, morph_frames, save_gif, save_images, sheet
 from synctweedies.registry import register_app
 from synctweedies.runtime import finish_run, start_run
-from synctweedies.sampler import SyncOptions, sync_sample
+from synctweedies.sampler import ALWAYS_SYNC, ORIGINAL_STEP_SEED, SyncOptions, sync_sample
 from synctweedies.views import get_views
 
 
@@ -42,6 +44,11 @@ def load_stages(args: argparse.Namespace, device, dtype):
     two = None if args.skip_stage_2 else load_pipeline(s2, torch_dtype=dtype, device=device)
     if two is not None and pipeline_family(two) != "if-sr":
         raise UsageError(f"--stage_2_path must be a DeepFloyd IF super-resolution model, got {s2}")
+    # as the original: one DDIM / DDPM scheduler made from stage I's config, shared by both stages
+    one.scheduler = (DDIMScheduler if args.sampling_method == "ddim" else DDPMScheduler).from_config(
+        one.scheduler.config)
+    if two is not None:
+        two.scheduler = one.scheduler
     return one, two
 
 
@@ -71,24 +78,45 @@ class PreviewHook(Hook):
             self.previews.append((state.i, _canonical_image(self.projection, self.projection.inverse(state.x0))))
 
 
-def run_stage(pipe, projection, prompts, args, generator, *, image=None, condition=None):
+def initial_noise(pipe, projection, args: argparse.Namespace, generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(z_T or None, X_T) drawn as the original: canonical cases and --initialize_xt_from_zt draw only z_T
+    (X_T = f(z_T)); the others draw the N views (one view repeated with --initialize_same_xt); n-to-1 then draws
+    its three Adam warm starts (--inverse_warm_start noise)."""
+    channels = pipe.unet.config.in_channels // (2 if pipeline_family(pipe) == "if-sr" else 1)
+    size, device, dtype = pipe.unet.config.sample_size, pipe._execution_device, pipe.unet.dtype
+    z_T = None
+    if get_case(args.case_num).canonical or args.initialize_xt_from_zt:
+        z_T = projection.canonical_noise(channels, generator=generator, device=device, dtype=dtype)
+        x_T = projection.forward(z_T)
+    else:
+        n = projection.num_instances
+        x_T = pipe.prepare_intermediate_images(1 if args.initialize_same_xt else n, channels, size, size, dtype,
+                                               device, generator)
+        x_T = x_T.expand(n, -1, -1, -1).clone() if args.initialize_same_xt else x_T
+    if isinstance(projection, StackProjection):
+        projection.draw_warm_starts(channels, device, dtype)
+    return z_T, x_T
+
+
+def run_stage(pipe, projection, prompts, args, generator, *, image=None, condition=None, step_generator=None):
     """One synchronized IF stage. Returns (SyncResult, previews). Stage II: `image` [N, 3, s, s] the stage-I
     views, `condition` [N, 3, S, S] what each view's UNet input is concatenated with."""
     family = pipeline_family(pipe)
     size = pipe.unet.config.sample_size
+    z_T, x_T = initial_noise(pipe, projection, args, generator)
+    # x_T is given, and stage II's condition is made by stage2_condition: prepare must draw nothing from `generator`
     setup = prepare(pipe, prompts, None, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale, height=size, width=size, generator=generator,
-                    image=image, noise_level=args.stage2_noise_level)
+                    guidance_scale=args.guidance_scale, height=size, width=size, latents=x_T,
+                    generator=torch.Generator(x_T.device).manual_seed(0), image=image,
+                    noise_level=args.stage2_noise_level)
     if family == "if-sr":
         setup.denoiser.concat_inputs = condition.to(setup.x_T.dtype)
-    x_T = setup.x_T
-    if args.initialize_same_xt:
-        x_T = x_T[:1].expand_as(x_T).clone()
-    options = SyncOptions(args.case_num, 1.0, args.initialize_xt_from_zt, args.sampling_method, args.eta,
-                          threshold_x0=args.x0_thresholding == "scheduler")
+    setup.denoiser.learned_variance = False  # the original's CFG guides IF's variance channels too
+    options = SyncOptions(args.case_num, ALWAYS_SYNC, args.initialize_xt_from_zt, args.sampling_method, args.eta,
+                          step_generator=step_generator, threshold_x0=args.x0_thresholding == "scheduler")
     preview = PreviewHook(projection, args.log_step)
     result = sync_sample(setup.denoiser, pipe.scheduler, projection, options=options, timesteps=setup.timesteps,
-                         x_T=x_T, generator=generator, hooks=[preview], progress=not args.no_progress)
+                         x_T=x_T, z_T=z_T, generator=generator, hooks=[preview], progress=not args.no_progress)
     return result, preview.previews
 
 
@@ -127,7 +155,9 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [f"{args.style} {p}".strip() for p in args.prompts]
     s1 = one.unet.config.sample_size
     proj1 = make_projection(args, views, s1, generator)
-    res1, previews = run_stage(one, proj1, prompts, args, generator)
+    # step noise: the original's global RNG (seeded 2024 by its main.py), one stream through both stages
+    step_generator = torch.Generator(run_start.device).manual_seed(ORIGINAL_STEP_SEED)
+    res1, previews = run_stage(one, proj1, prompts, args, generator, step_generator=step_generator)
     canonical, stage1 = readout(proj1, views, s1, res1)
     shown = stage1.clamp(-1, 1)
     save_images(shown, out, "stage1_view_{}.png")
@@ -139,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         proj2 = make_projection(args, views, s2, generator)
         cond = stage2_condition(two, stage1, canonical, views, s2, args.stage2_noise_level, generator,
                                 args.stage2_condition)
-        res2, _ = run_stage(two, proj2, prompts, args, generator, image=shown, condition=cond)
+        res2, _ = run_stage(two, proj2, prompts, args, generator, image=shown, condition=cond,
+                            step_generator=step_generator)
         final_canonical, final_views = readout(proj2, views, s2, res2)
         final_views = final_views.clamp(-1, 1)
     paths = save_images(final_views, out, "view_{}.png")

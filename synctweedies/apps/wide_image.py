@@ -15,7 +15,7 @@ from synctweedies.memory import check_fits, wide_image_bytes
 from synctweedies.outputs import make_save_dir
 from synctweedies.registry import register_app
 from synctweedies.runtime import check_fraction, derived_rgb_size, finish_run, start_run
-from synctweedies.sampler import SyncOptions
+from synctweedies.sampler import ORIGINAL_STEP_SEED, SyncOptions
 from synctweedies.wide import WindowProjection
 
 POSITIVE_PREFIX = "Best quality, extremely detailed "
@@ -40,6 +40,27 @@ def window_summary(proj: WindowProjection, requested: int) -> str:
     if (h, w) != (requested, requested):
         line += f" (window clamped from {requested} to the canvas)"
     return line
+
+
+def initial_noise(pipe, proj: WindowProjection, factor: int, generator, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_T [1, C, H, W], x_T [N, C, h, w]) drawn in the original's order: the canvas first, then the windows,
+    both always (x_T is replaced by f(z_T) for canonical cases and --initialize_xt_from_zt)."""
+    (h, w), (wh, ww), c = proj.canonical_hw, proj.window, pipe.unet.config.in_channels
+    device = pipe._execution_device
+    z_T = pipe.prepare_latents(1, c, h * factor, w * factor, dtype, device, generator, None)
+    x_T = pipe.prepare_latents(proj.num_instances, c, wh * factor, ww * factor, dtype, device, generator, None)
+    return z_T, x_T
+
+
+def final_latent_views(proj: WindowProjection, result) -> torch.Tensor:
+    """What the original decodes: f(g(X_0)) for instance cases, f(z_0) for canonical ones, i.e. f(canonical)."""
+    return proj.forward(result.canonical)
+
+
+def average_rgb_views(rgb_proj: WindowProjection, rgb_views: torch.Tensor) -> torch.Tensor:
+    """Decoded views [N, 3, 8h, 8w] in [-1, 1] -> the image [1, 3, H, W]: each view clamped to [-1, 1] before the
+    count-weighted average, as the original's xs_to_pil_img (clamp to [0, 1] per view, then average)."""
+    return rgb_proj.inverse(rgb_views.clamp(-1, 1))
 
 
 @register_app("wide_image")
@@ -71,17 +92,18 @@ def run(args: argparse.Namespace) -> dict:
     n = proj.num_instances
     print(window_summary(proj, args.latent_instance_size))
     out = make_save_dir(args.save_top_dir, args.tag or "wide_image", args.save_dir_now)
+    z_T, x_T = initial_noise(pipe, proj, factor, generator, run_start.dtype)
     setup = prepare(pipe, [POSITIVE_PREFIX + args.prompt] * n, [args.negative_prompt] * n,
                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                    height=proj.window[0] * factor, width=proj.window[1] * factor, generator=generator)
+                    height=proj.window[0] * factor, width=proj.window[1] * factor, generator=generator, latents=x_T)
     plan = ring_plan(n, args.max_batch_size)
-    options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta)
+    options = SyncOptions(args.case_num, args.mvd_end, args.initialize_xt_from_zt, args.sampling_method, args.eta,
+                          step_generator=torch.Generator(run_start.device).manual_seed(ORIGINAL_STEP_SEED))
     result = sample_with_view_attention(pipe, setup, proj, options, plan, ref_attention_end=args.ref_attention_end,
-                                        x_T=setup.x_T, generator=generator, progress=not args.no_progress)
+                                        x_T=setup.x_T, z_T=z_T, generator=generator, progress=not args.no_progress)
     with torch.no_grad():
-        rgb_views = decode_in_chunks(pipe.vae, result.instances)
-    rgb_proj = proj.scaled(factor)
-    image = rgb_proj.inverse(rgb_views)
+        rgb_views = decode_in_chunks(pipe.vae, final_latent_views(proj, result)).clamp(-1, 1)
+    image = average_rgb_views(proj.scaled(factor), rgb_views)
     path = out / f"final_{args.seed}.png"
     atomic_save_image(to_pil(image.clamp(-1, 1))[0], path)
     finish_run(out, args, f"{path} ({image.shape[-1]}x{image.shape[-2]}, {n} windows)")

@@ -27,10 +27,12 @@ def test_ddim_step_equals_diffusers_for_every_t_and_eta():
     for t in sched.timesteps:
         x, eps, noise = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
         ref = sched.step(eps, t, x, return_dict=False)[0]
-        assert torch.allclose(stepper.step(eps, t, x)[0], ref, atol=1e-10, rtol=0)
+        # float32 coefficients in the original's (xt_coeff, x0_coeff) form: equal to diffusers up to their rounding
+        # (exact equality with the original's formula: test_st_original_loop.py)
+        assert torch.allclose(stepper.step(eps, t, x)[0], ref, atol=1e-5, rtol=0)
         ref = sched.step(eps, t, x, eta=0.7, variance_noise=noise, return_dict=False)[0]
         ours = SyncStepper(sched, "ddim", eta=0.7).step(eps, t, x, variance_noise=noise)[0]
-        assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
@@ -44,7 +46,8 @@ def test_ddpm_step_equals_diffusers(variance_type):
         out[:, 3:] = out[:, 3:].clamp(-1, 1)
         ref = sched.step(out, t, x, generator=torch.Generator().manual_seed(1), return_dict=False)[0]
         ours = stepper.step(out, t, x, generator=torch.Generator().manual_seed(1))[0]
-        assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+        # the original takes fixed_small's std as exp(0.5 log var) (fixed_small_log): equal up to float32 rounding
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", range(7))
@@ -54,8 +57,9 @@ def test_identity_views_reduce_every_case_to_plain_ddim(case):
     plain = sample(eps_model(unet), sched, z_T, progress=False)
     proj = IdentityProjection(3, 16, 16)
     res = sync_sample(eps_model(unet), sched, proj, options=SyncOptions(case_num=case), z_T=z_T, progress=False)
-    assert (res.canonical - plain).abs().max() <= 1e-10
-    assert (res.instances - plain).abs().max() <= 1e-10
+    # diffusers' DDIM vs the original's (xt_coeff, x0_coeff) form: float32 coefficient rounding only
+    assert (res.canonical - plain).abs().max() <= 1e-5
+    assert (res.instances - plain).abs().max() <= 1e-5
 
 
 def test_permutation_equivalence_of_cases_1_to_5():
@@ -123,7 +127,7 @@ def test_mvd_end_switch():
     assert full.synced_steps == [0, 1, 2, 3]
     half = sync_sample(eps_model(unet), sched, proj, options=SyncOptions(case_num=2, mvd_end=0.5), x_T=x_T,
                        progress=False)
-    assert half.synced_steps == [i for i, t in enumerate(sched.timesteps) if t >= 500]
+    assert half.synced_steps == [i for i, t in enumerate(sched.timesteps) if t > 500]
 
 
 def test_determinism_and_eta():
