@@ -11,11 +11,16 @@
   vs the base model for the prompt without the token and for the one that also names the colour; and how often
   "a green <new1> star ..." is read green (base: "a green star ...").
 
-Usage: `python benchmarks/toyworld.py [--every 4] [--num_inference_steps 20] [--guidance_scale 4]`.
+- SyncTweedies, MIP-Adapter, MuDI, SynCD: each method's own script `benchmarks/toyworld_<method>.py` (run one by
+  one with `--methods`; each prints its base-vs-method lines and takes minutes on one thread).
+
+Usage: `python benchmarks/toyworld.py [--every 4] [--num_inference_steps 20] [--guidance_scale 4]
+[--methods synctweedies mipadapter mudi syncd]`.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +39,8 @@ from common.toyworld.judge import (  # noqa: E402
     weights_available,
 )
 from common.toyworld.scenes import render  # noqa: E402
+
+METHOD_SCRIPTS = ("synctweedies", "mipadapter", "mudi", "syncd")
 
 
 def _mean(acc: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -149,6 +156,8 @@ def main() -> None:
     p.add_argument("--cd_steps", type=int, default=60, help="Custom Diffusion training steps (0: skip its line)")
     p.add_argument("--cd_samples", type=int, default=16, help="Custom Diffusion samples per prompt and noise seed")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (tiny models: 1 is fastest)")
+    p.add_argument("--methods", nargs="*", default=[], choices=METHOD_SCRIPTS,
+                   help="also run these methods' toy-world benchmarks (benchmarks/toyworld_<method>.py), in turn")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +168,9 @@ def main() -> None:
     sd_line(args.every, args.num_inference_steps, args.guidance_scale, args.seed)
     if args.cd_steps:
         customdiffusion_line(args.cd_steps, args.cd_samples, (0, 1, 2))
+    for method in args.methods:  # each script loads its own models and prints its own lines
+        print(f"--- {method} (benchmarks/toyworld_{method}.py) ---", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / f"toyworld_{method}.py")], check=False)
 
 
 if __name__ == "__main__":
