@@ -139,7 +139,8 @@ def _init_hook(pipe, meta, prompt: str, args, height: int, width: int):
     seed = args.seed if args.init_seed is None else args.init_seed
     result = init_collage([r[0] for r in refs], [r[1] for r in refs], height, width, rng=random.Random(seed))
     collage = Image.fromarray(np.ascontiguousarray(result.image))
-    shift = mean_shift_latent(pipe.vae, result, args.gamma, generator=torch.Generator(pipe.device).manual_seed(seed))
+    shift = mean_shift_latent(pipe.vae, result, args.gamma, generator=torch.Generator(pipe.device).manual_seed(seed),
+                              factor=pipe.vae_scale_factor)
     return MeanShiftInit(shift.to(pipe.unet.dtype), pipe.scheduler), collage
 
 

@@ -379,8 +379,8 @@ class MuDIMethod(TrainingMethod):
         latents = latents.to(training_latent_dtype(self.family, self.args.pretrained_vae_model_name_or_path,
                                                    compute_dtype(accelerator)))
         mask = batch["mask_map"].to(self.device)
-        if mask.shape[-2:] != latents.shape[-2:]:
-            raise RuntimeError(f"mask map {tuple(mask.shape[-2:])} does not match latents {tuple(latents.shape[-2:])}")
+        if mask.shape[-2:] != latents.shape[-2:]:  # a VAE whose factor is not SDXL's / FLUX's 8 (e.g. toy-sdxl's 2)
+            mask = torch.nn.functional.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest").to(mask.dtype)
         draw = self._noise(latents)
         if draw["weight"] is not None:  # FLUX's SD3 loss weighting, folded into the per-sample mask
             mask = mask * draw["weight"].reshape(-1, 1, 1, 1).to(mask)
