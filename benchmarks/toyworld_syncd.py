@@ -152,7 +152,8 @@ def colour_transfer(judge, base, tuned, seeds: Sequence[int], sampling: dict | N
 def reference_use(pipe, timesteps: Sequence[int] = (200, 400, 600, 800), repeats: int = 2, seed: int = 0
                   ) -> dict[str, float]:
     """SynCD's training objective on held-out star tuples (16: 2 per colour; target + 2 references, masked K/V
-    written with the LoRA off, target prompt without the colour): mean epsilon MSE with the right references,
+    written with the LoRA off and read through the
+    target pass's LoRA'd projections as syncd's training, target prompt without the colour): mean epsilon MSE with the right references,
     with another colour's references (same noise), and with none. Returns {"right", "wrong", "none"}."""
     from common.attention.plan import AttentionPlan, KVBank
     from common.attention.schedule import plan_installed
@@ -187,7 +188,7 @@ def reference_use(pipe, timesteps: Sequence[int] = (200, 400, 600, 800), repeats
                     tt = torch.tensor([t])
                     target = pipe.scheduler.add_noise(lat["right"][:1], noise[:1], tt)
                     for key in mse:
-                        bank = KVBank(mode="off")
+                        bank = KVBank(mode="off", project_on_read=True)  # as syncd's training
                         if key != "none":
                             bank.masks = masks[key]
                             refs = pipe.scheduler.add_noise(lat[key][1:], noise[1:], tt.repeat(2))

@@ -55,18 +55,25 @@ def save_syncd_checkpoint(transformer: torch.nn.Module, path: str | os.PathLike,
     return path
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """--finetuned_path as a file: itself, or in a folder its pytorch_model.safetensors (ours) or
+    pytorch_model.bin (the released FLUX model)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [p for p in (path / "pytorch_model.safetensors", path / "pytorch_model.bin") if p.is_file()]
+    if not found:
+        raise UsageError(f"--finetuned_path {path} has no pytorch_model.safetensors / pytorch_model.bin")
+    return found[0]
+
+
 def load_syncd_checkpoint(transformer: torch.nn.Module, path: str | os.PathLike, *, rank: int | None = None,
                           alpha: float | None = None, target_modules=INFERENCE_TARGETS, prefix: str = PREFIX) -> int:
     """Add the LoRA ("default"; rank from the file unless given, alpha = rank unless our manifest says
     otherwise; the released model: r = alpha = 32) and load `path`; returns the number of LoRA tensors loaded.
 
     Errors (one line): no key with the prefix, a LoRA key the model does not have, a shape mismatch."""
-    path = Path(path)
-    if path.is_dir():
-        found = [p for p in (path / "pytorch_model.bin", path / "pytorch_model.safetensors") if p.is_file()]
-        if not found:
-            raise UsageError(f"--finetuned_path {path} has no pytorch_model.bin / pytorch_model.safetensors")
-        path = found[0]
+    path = checkpoint_file(path)
     sd = load_weights(path)
     ip = next((k for k in sd if ".to_k_ip." in k or ".to_v_ip." in k), None)
     if ip is not None:
@@ -162,12 +169,7 @@ def read_sdxl_lightning_checkpoint(path: str | os.PathLike, prefix: str = SDXL_P
     """`sdxl_finetuned_20k.ckpt` (or our flat `pytorch_model.safetensors` with the same keys, or its folder) ->
     (LoRA keys `unet.<module>.lora_A/B.default.weight`, IP keys `unet.<attention>.processor.attn_op.to_k_ip/
     to_v_ip.0.weight` or None). Strict: every key must be one of the two kinds."""
-    path = Path(path)
-    if path.is_dir():
-        found = [p for p in (path / "pytorch_model.safetensors", path / "pytorch_model.bin") if p.is_file()]
-        if not found:
-            raise UsageError(f"--finetuned_path {path} has no pytorch_model.safetensors / pytorch_model.bin")
-        path = found[0]
+    path = checkpoint_file(path)
     lora: dict[str, torch.Tensor] = {}
     ip: dict[str, torch.Tensor] = {}
     for key, value in _read_state(path).items():

@@ -20,24 +20,9 @@ from common.models.adapters import (
     write_manifest,
 )
 from common.models.tiny import build_tiny
+from lora_helpers import ATTN1, make_lora
 
-ATTN1 = r".*attn1\.(to_q|to_k|to_v|to_out\.0)"
 ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-
-
-def make_lora(folder, target=ATTN1, seed=1, name="tiny-sd"):
-    """A LoRA for tiny-sd with random (non-zero) A and B, saved where diffusers' load_lora_weights reads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    src = build_tiny(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        src.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(src.unet))
-    type(src).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModelWithProjection
 
@@ -182,7 +183,7 @@ class ClipMethod(TrainingMethod):
         return {}
 
     def save_final(self, directory) -> None:
-        model = self.clip.module if hasattr(self.clip, "module") else self.clip
+        model = extract_model_from_parallel(self.clip)
         model.save_pretrained(Path(directory) / "toy-clip")
 
 
@@ -229,7 +230,7 @@ class VaeMethod(TrainingMethod):
     @torch.no_grad()
     def save_final(self, directory) -> None:
         """Saves the VAE with `scaling_factor` = 1 / std of its latents over 512 fixed scenes (SD's recipe)."""
-        vae = self.vae.module if hasattr(self.vae, "module") else self.vae
+        vae = extract_model_from_parallel(self.vae)
         x = torch.stack([image_tensor(render(make_scene(i, self.data_seed + 1))) for i in range(512)]).to(self.device)
         std = vae.encode(x).latent_dist.mode().std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
@@ -277,13 +278,13 @@ class UnetMethod(TrainingMethod):
         return {}
 
     def save_final(self, directory) -> None:
-        unet = self.unet.module if hasattr(self.unet, "module") else self.unet
+        unet = extract_model_from_parallel(self.unet)
         unet.save_pretrained(Path(directory) / "unet")
 
     def pipeline(self):
         from diffusers import StableDiffusionPipeline
 
-        unet = self.unet.module if hasattr(self.unet, "module") else self.unet
+        unet = extract_model_from_parallel(self.unet)
         return assemble_pipeline(self.vae, self.text_encoder, unet)
 
     def validate(self, step: int):
@@ -349,7 +350,7 @@ class SdxlUnetMethod(UnetMethod):
         return masked_mse(pred, noised.target)
 
     def pipeline(self):
-        unet = self.unet.module if hasattr(self.unet, "module") else self.unet
+        unet = extract_model_from_parallel(self.unet)
         return assemble_sdxl_pipeline(self.vae, self.text_encoder, self.text_encoder_2, unet)
 
 

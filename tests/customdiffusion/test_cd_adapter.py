@@ -13,8 +13,8 @@ from common.errors import UsageError
 from common.models.adapters import adapter_kinds, apply_adapter, apply_adapters, detect_adapter, read_manifest
 from common.models.tiny import build_tiny
 from customdiffusion.formats import save, save_diffusers
+from lora_helpers import ATTN1, make_lora
 
-ATTN1 = r".*attn1\.(to_q|to_k|to_v|to_out\.0)"
 ALL_ATTN = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
 
@@ -24,20 +24,6 @@ def run(pipe, prompt="a <new1> toy"):
     embeds = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, 500, encoder_hidden_states=embeds).sample
-
-
-def make_lora(folder, target, seed=1):
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    src = build_tiny("tiny-sd")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        src.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(src.unet))
-    type(src).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture

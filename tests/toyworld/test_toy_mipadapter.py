@@ -30,14 +30,11 @@ assets/toyworld/toy-ip-adapter/README.md; `python benchmarks/toyworld_mipadapter
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from common.toyworld.ip_adapter import TOY_IP_ADAPTER_DIR, WEIGHTS
+from toy_benchmarks import load_benchmark
 
 SINGLE_SAMPLES = 8  # per colour and background (6 colours x white / blue: 96 samples with and without)
 SINGLE_FLOOR = 0.25  # reference's colour read at least this often
@@ -47,20 +44,11 @@ BOTH_MARGIN = 0.20  # MIP's claim: both halves right this much more often than t
 PAIR_SAMPLES = 16
 
 
-@functools.cache
-def _bench():
-    """benchmarks/toyworld_mipadapter.py (the conditions, sampler and judge the figures come from), loaded from
-    its file: benchmarks/ is not a package."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "toyworld_mipadapter.py"
-    spec = importlib.util.spec_from_file_location("toyworld_mipadapter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def models(_weights):
-    bench = _bench()
+    bench = load_benchmark("mipadapter")
 
     if not (TOY_IP_ADAPTER_DIR / WEIGHTS).is_file() or not (bench.ASSETS_SDXL / "model_index.json").is_file():
         pytest.skip("toy-sdxl or the toy IP-Adapter is not in assets/toyworld yet")
@@ -98,7 +86,7 @@ def test_committed_adapter_fits_toy_sdxl_in_the_released_layout(models):
 def test_plain_baseline_is_diffusers_multi_image_ip_adapter(models):
     """The "concat" condition (MIP processor, K = 1, both references' tokens in one softmax, zero gate) is what
     diffusers' IPAdapterAttnProcessor2_0 computes for two images of one adapter (common.models.ip_adapter)."""
-    bench = _bench()
+    bench = load_benchmark("mipadapter")
 
     from common.models.ip_adapter import load_ip_adapter
     from common.models.loading import load_pipeline
@@ -159,7 +147,7 @@ def test_training_moves_only_the_adapter_and_leaves_toy_sdxl_as_it_was():
 
 @pytest.mark.slow  # 192 samples: about 40 s on a quiet thread, 2 min on a busy one
 def test_toy_ip_adapter_carries_the_reference_colour(models):
-    ref, none = _bench().single_object_rates(models, samples=SINGLE_SAMPLES)
+    ref, none = load_benchmark("mipadapter").single_object_rates(models, samples=SINGLE_SAMPLES)
     assert ref >= SINGLE_FLOOR and ref - none >= SINGLE_MARGIN, (ref, none)
 
 
@@ -167,7 +155,7 @@ def test_toy_ip_adapter_carries_the_reference_colour(models):
 @pytest.mark.xfail(strict=True, reason="toy-sdxl's maps of 'circle' and 'square' do not localise: MIP's weights stay "
                    "at 0.5 on both halves (measured in the module docstring)")
 def test_mip_routes_the_circle_reference_to_the_left(models):
-    bench = _bench()
+    bench = load_benchmark("mipadapter")
 
     r = bench.routing_contrast(models)
     assert r["mean"] >= ROUTING_FLOOR, r
@@ -177,7 +165,7 @@ def test_mip_routes_the_circle_reference_to_the_left(models):
 @pytest.mark.xfail(strict=True, reason="with flat routing MIP-Adapter equals the plain multi-image IP-Adapter: no "
                    "colour reaches its own entity more often (measured in the module docstring)")
 def test_mip_puts_each_reference_colour_on_its_entity(models):
-    bench = _bench()
+    bench = load_benchmark("mipadapter")
 
     results = bench.measure(models, samples=PAIR_SAMPLES, seeds=(0,), conditions=("mip", "concat"))
     for c1, c2 in bench.PAIRS:

@@ -32,33 +32,24 @@ mean-shifted init raising MuDI's `both`.
 """
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from toy_benchmarks import load_benchmark
 
 SAMPLES = 16  # per condition and noise seed
 NOISE_SEEDS = (0, 1)
 TRAIN_STEPS = 100
 
 
-def _bench():
-    """benchmarks/toyworld_mudi.py (not a package): the measurement the figures above come from."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "toyworld_mudi.py"
-    spec = importlib.util.spec_from_file_location("toyworld_mudi", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _bench()
+    return load_benchmark("mudi")
 
 
 @pytest.fixture(scope="module")

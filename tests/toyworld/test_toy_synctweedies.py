@@ -30,11 +30,9 @@ Measured (toy-sd step 3600; `python benchmarks/toyworld_synctweedies.py --no_shi
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from toy_benchmarks import load_benchmark
 
 NUM_PROMPTS, SEED = 16, 0
 SEAM_CEILING = 2.45  # case 0 (no synchronisation) measures 2.69
@@ -45,14 +43,6 @@ COLOUR_FLOOR = 0.30
 COLOUR_MARGIN = 0.20
 
 
-def _bench():
-    """benchmarks/toyworld_synctweedies.py (not a package): the measurement the figures above come from."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "toyworld_synctweedies.py"
-    if "toyworld_synctweedies" not in sys.modules:  # registered first: its dataclass looks its module up
-        spec = importlib.util.spec_from_file_location("toyworld_synctweedies", path)
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules["toyworld_synctweedies"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def measured(toy_sd, toy_clip, tmp_path_factory):
     """{"tiles": Figures, "case2": Figures} for the 16 prompts (seeds 0..15), captions without the app's prefix."""
     import torch
 
-    bench = _bench()
+    bench = load_benchmark("synctweedies")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
